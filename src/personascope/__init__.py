@@ -1,0 +1,25 @@
+"""personascope: find, watch and steer the character of language models from the inside."""
+
+from personascope.errors import PersonascopeError
+from personascope.generation import Generation, generate
+from personascope.models import Model, load_model
+from personascope.residual import Ablate, Add, Cap, capture, intervene, steering, token_roles
+from personascope.vectors import PersonaVector
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Ablate",
+    "Add",
+    "Cap",
+    "Generation",
+    "Model",
+    "PersonaVector",
+    "PersonascopeError",
+    "capture",
+    "generate",
+    "intervene",
+    "load_model",
+    "steering",
+    "token_roles",
+]

@@ -1,0 +1,3 @@
+from personascope.cli import main
+
+main()

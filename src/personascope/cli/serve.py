@@ -1,0 +1,6 @@
+"""`personascope serve` (placeholder, being written)."""
+
+
+def serve() -> None:
+    """OpenAI-compatible server (being written)."""
+    raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Pipelines: compositions of the rooms below them (models, residual, generation, judges, runs)."""

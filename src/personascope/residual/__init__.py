@@ -1,0 +1,35 @@
+"""The residual-stream engine: capture and interventions through one hook lifecycle.
+
+Layer ``L`` is the residual stream after decoder block ``L-1`` (``L = 0``: the embedding output). See
+:mod:`personascope.residual.hooks` for what ``L = num_layers`` means.
+"""
+
+from personascope.residual.capture import REDUCTIONS, capture
+from personascope.residual.hooks import add_site_hook, site_hooks
+from personascope.residual.interventions import (
+    Ablate,
+    Add,
+    Cap,
+    Intervention,
+    intervene,
+    resolve_direction,
+    steering,
+)
+from personascope.residual.positions import POSITIONS, Positions, token_roles
+
+__all__ = [
+    "POSITIONS",
+    "REDUCTIONS",
+    "Ablate",
+    "Add",
+    "Cap",
+    "Intervention",
+    "Positions",
+    "add_site_hook",
+    "capture",
+    "intervene",
+    "resolve_direction",
+    "site_hooks",
+    "steering",
+    "token_roles",
+]

@@ -1,0 +1,207 @@
+"""Capture: reduce residual-stream activations inside forward hooks while the batch runs.
+
+No ``output_hidden_states`` and no ``[batch, seq, layers, hidden]`` tensor: at each requested layer the hook turns
+the batch's ``[batch, seq, hidden]`` block into ``[reductions, batch, hidden]`` (masked means, last prompt token)
+with one weighted sum, writes it into the preallocated result, and lets the activations go. Inputs are sorted by
+length so batches waste little on padding (right padding, which leaves real tokens exact), results come back in input
+order, and the forward pass stops after the deepest requested layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, get_args
+
+import torch
+from tqdm.auto import tqdm
+
+from personascope.errors import PersonascopeError
+from personascope.models.chat import Conversation, FormattedConversation
+from personascope.residual.hooks import site_hooks
+from personascope.residual.positions import OTHER, PAD, PROMPT, PROMPT_LAST, RESPONSE, token_roles
+
+if TYPE_CHECKING:
+    from personascope.models.loading import Model
+    from personascope.vectors import PersonaVector
+
+Reduction = Literal["response_mean", "prompt_mean", "prompt_last"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+
+
+class _StopForward(Exception):
+    """Raised by the last capture hook: nothing past the deepest requested layer needs computing."""
+
+
+def format_all(
+    model: Model, conversations: Sequence[Conversation | FormattedConversation]
+) -> list[FormattedConversation]:
+    out = []
+    for i, conv in enumerate(conversations):
+        if isinstance(conv, FormattedConversation):
+            out.append(conv)
+            continue
+        try:
+            out.append(model.format(conv))
+        except PersonascopeError as exc:
+            raise PersonascopeError(f"conversation {i}: {exc}") from None
+    return out
+
+
+def roles_for(conv: FormattedConversation) -> list[int]:
+    """The role of every token of a formatted conversation (see :mod:`personascope.residual.positions`)."""
+    roles = [PROMPT] * conv.prompt_end
+    roles[-1] = PROMPT_LAST
+    tail = len(conv) - conv.prompt_end
+    roles += [OTHER] * tail
+    if conv.response is not None:
+        start, end = conv.response
+        roles[start:end] = [RESPONSE] * (end - start)
+    return roles
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (the peak memory shows up at once)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _directions_tensor(
+    model: Model, directions: PersonaVector | torch.Tensor | None, layers: list[int]
+) -> torch.Tensor | None:
+    """Unit directions as ``[len(layers), D, hidden]`` float32, or None."""
+    from personascope.vectors import PersonaVector
+
+    if directions is None:
+        return None
+    if isinstance(directions, PersonaVector):
+        directions.check_compatible(model)
+        d = directions.directions[layers].unsqueeze(1)
+    else:
+        d = directions.detach().float()
+        if d.dim() == 1:
+            d = d.unsqueeze(0)
+        if d.dim() == 2:
+            d = d.unsqueeze(0).expand(len(layers), -1, -1)
+        elif d.dim() == 3:
+            if d.shape[0] != model.num_layers + 1:
+                raise PersonascopeError(
+                    f"per-layer directions need {model.num_layers + 1} layers for {model.name}, got {d.shape[0]}"
+                )
+            d = d[layers]
+        else:
+            raise PersonascopeError("directions must be [hidden], [D, hidden] or [num_layers + 1, D, hidden]")
+    if d.shape[-1] != model.hidden_size:
+        raise PersonascopeError(
+            f"directions have size {d.shape[-1]} but {model.name} has hidden size {model.hidden_size}"
+        )
+    norms = d.norm(dim=-1, keepdim=True)
+    if (norms == 0).any():
+        raise PersonascopeError("a projection direction is zero; pass non-zero directions")
+    return (d / norms).float()
+
+
+@torch.no_grad()
+def capture(
+    model: Model,
+    conversations: Sequence[Conversation | FormattedConversation],
+    reductions: Sequence[str] = ("response_mean", "prompt_mean", "prompt_last"),
+    layers: Sequence[int] | None = None,
+    batch_size: int = 8,
+    directions: PersonaVector | torch.Tensor | None = None,
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Reduced residual activations for each conversation.
+
+    Returns ``{reduction: tensor}``, each float32 ``[N, len(layers), hidden]`` (all ``num_layers + 1`` layers when
+    ``layers`` is None, in the order given). With ``directions`` (a PersonaVector, ``[D, hidden]`` shared by all
+    layers, or ``[num_layers + 1, D, hidden]``), returns projections on the unit directions instead,
+    ``[N, len(layers), D]``. Reductions: ``response_mean`` (mean over the trailing assistant message's content
+    tokens), ``prompt_mean`` (mean over prompt tokens), ``prompt_last`` (the last prompt token, i.e. the end of the
+    assistant header, where the model is about to answer). ``progress=None`` shows a bar for more than one batch.
+    """
+    for r in reductions:
+        if r not in REDUCTIONS:
+            raise PersonascopeError(f"unknown reduction '{r}'; use any of {', '.join(REDUCTIONS)}")
+    if not reductions:
+        raise PersonascopeError("ask for at least one reduction")
+    if batch_size < 1:
+        raise PersonascopeError("batch_size must be at least 1")
+    layer_list = list(range(model.num_layers + 1)) if layers is None else [model.check_layer(int(x)) for x in layers]
+    if not layer_list:
+        raise PersonascopeError("ask for at least one layer")
+    if len(set(layer_list)) != len(layer_list):
+        raise PersonascopeError("layers must not repeat")
+    formatted = format_all(model, conversations)
+    if not formatted:
+        raise PersonascopeError("no conversations to capture")
+    if "response_mean" in reductions:
+        missing = [i for i, c in enumerate(formatted) if c.response is None]
+        if missing:
+            raise PersonascopeError(
+                f"response_mean needs a trailing assistant message; conversation {missing[0]} has none "
+                f"({len(missing)} in all)"
+            )
+    unit = _directions_tensor(model, directions, layer_list)
+    n, width = len(formatted), (unit.shape[1] if unit is not None else model.hidden_size)
+    results = {r: torch.zeros(n, len(layer_list), width, dtype=torch.float32) for r in reductions}
+    unit_dev = unit.to(model.device) if unit is not None else None
+    deepest = max(layer_list)
+    batches = length_batches([len(c) for c in formatted], batch_size)
+    current: dict[str, torch.Tensor] = {}
+
+    def make_fn(slot: int, layer: int):  # type: ignore[no-untyped-def]
+        def fn(h: torch.Tensor) -> None:
+            reduced = torch.einsum("rbt,bth->rbh", current["weights"], h.float())
+            if unit_dev is not None:
+                reduced = reduced @ unit_dev[slot].T
+            cpu = reduced.cpu()
+            for k, r in enumerate(reductions):
+                results[r][current["rows"], slot] = cpu[k]
+            if layer == deepest:
+                raise _StopForward
+
+        return fn
+
+    pad_id = int(model.tokenizer.pad_token_id)
+    show = progress if progress is not None else len(batches) > 1
+    with (
+        site_hooks(model, {layer: make_fn(i, layer) for i, layer in enumerate(layer_list)}),
+        tqdm(total=n, desc="capture", unit="conv", disable=not show) as bar,
+    ):
+        for rows in batches:
+            ids, mask, roles, weights = _pack(formatted, rows, reductions, pad_id, model.device)
+            current["weights"], current["rows"] = weights, torch.tensor(rows)
+            with token_roles(model, roles, torch.tensor(rows, device=model.device)), contextlib.suppress(_StopForward):
+                model.hf_model(input_ids=ids, attention_mask=mask, use_cache=False)
+            bar.update(len(rows))
+    return results
+
+
+def _pack(
+    formatted: list[FormattedConversation],
+    rows: list[int],
+    reductions: Sequence[str],
+    pad_id: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask, roles and the ``[R, B, T]`` reduction weights for one batch."""
+    width = max(len(formatted[i]) for i in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    roles = torch.full((len(rows), width), PAD, dtype=torch.long)
+    weights = torch.zeros(len(reductions), len(rows), width, dtype=torch.float32)
+    for b, i in enumerate(rows):
+        conv = formatted[i]
+        ids[b, : len(conv)] = torch.tensor(conv.input_ids)
+        roles[b, : len(conv)] = torch.tensor(roles_for(conv))
+        for k, r in enumerate(reductions):
+            if r == "response_mean":
+                assert conv.response is not None
+                start, end = conv.response
+            elif r == "prompt_mean":
+                start, end = 0, conv.prompt_end
+            else:
+                start, end = conv.prompt_end - 1, conv.prompt_end
+            weights[k, b, start:end] = 1.0 / (end - start)
+    mask = (roles != PAD).long()
+    return ids.to(device), mask.to(device), roles.to(device), weights.to(device)
