@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import best_of, conversations, setup_threads
 
 import personascope as ps
-from personascope.residual.capture import _pack, format_all, length_batches
+from personascope.residual.capture import _pack, format_all, length_batches, reduction_span
 
 
 def throughput(model_name: str, n: int, batch_size: int, repeats: int) -> None:
@@ -35,8 +35,9 @@ def throughput(model_name: str, n: int, batch_size: int, repeats: int) -> None:
     convs = conversations(n)
     formatted = format_all(model, convs)
     batches = length_batches([len(c) for c in formatted], batch_size)
+    spans = [[reduction_span(c, "response_mean")] for c in formatted]
     pad = int(model.tokenizer.pad_token_id)
-    packed = [_pack(formatted, rows, ["response_mean"], pad, model.device)[:2] for rows in batches]
+    packed = [_pack(formatted, rows, spans, pad, model.device)[:2] for rows in batches]
     tokens = sum(len(c) for c in formatted)
     backbone = model.hf_model.get_decoder()
 
@@ -108,7 +109,13 @@ def memory_child(model_name: str, n: int, batch_size: int) -> None:
     model = ps.load_model(model_name)
     formatted = format_all(model, conversations(n))
     batches = length_batches([len(c) for c in formatted], batch_size)
-    ids, mask = _pack(formatted, batches[0], ["response_mean"], int(model.tokenizer.pad_token_id), model.device)[:2]
+    ids, mask = _pack(
+        formatted,
+        batches[0],
+        [[reduction_span(c, "response_mean")] for c in formatted],
+        int(model.tokenizer.pad_token_id),
+        model.device,
+    )[:2]
     with torch.no_grad():
         one_batch, _ = peak_growth(lambda: model.hf_model(input_ids=ids, attention_mask=mask, use_cache=False))
     growth, result = peak_growth(

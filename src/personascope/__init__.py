@@ -3,6 +3,7 @@
 from personascope.errors import PersonascopeError
 from personascope.generation import Generation, generate
 from personascope.models import Model, load_model
+from personascope.pipelines.monitor import monitor_turns, project
 from personascope.residual import Ablate, Add, Cap, capture, intervene, steering, token_roles
 from personascope.vectors import PersonaVector
 
@@ -20,6 +21,8 @@ __all__ = [
     "generate",
     "intervene",
     "load_model",
+    "monitor_turns",
+    "project",
     "steering",
     "token_roles",
 ]

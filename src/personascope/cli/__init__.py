@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from personascope.cli import vectors
+from personascope.cli import monitor, vectors
 from personascope.cli.judges import judges_app
 from personascope.cli.serve import serve
 from personascope.cli.traits import traits_app
@@ -34,6 +34,8 @@ app.command("extract")(vectors.extract)
 app.command("sweep")(vectors.sweep)
 app.command("steer")(vectors.steer)
 app.command("demo")(vectors.demo)
+app.command("monitor")(monitor.monitor)
+app.add_typer(monitor.experiment_app, name="experiment")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled alias, hub id, model directory or .gguf file.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu).")]

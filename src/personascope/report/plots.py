@@ -53,3 +53,81 @@ def plot_sweep(cells: Sequence[Any], path: str | Path, title: str = "steering sw
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def plot_turns(rows: Sequence[Any], path: str | Path, title: str = "projection per turn") -> Path:
+    """Projection per turn, one line per conversation and kind (before the reply: solid; the reply: dotted)."""
+    from personascope.io import atomic_path
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series: dict[tuple[int, str, int], list[Any]] = {}
+    for r in rows:
+        series.setdefault((r.conversation, r.kind, r.layer), []).append(r)
+    for (conv, kind, layer), pts in sorted(series.items()):
+        pts = sorted(pts, key=lambda r: r.turn)
+        ax.plot(
+            [r.turn + 1 for r in pts],
+            [r.projection for r in pts],
+            "-o" if kind == "prompt_last" else ":s",
+            label=f"conv {conv} {kind} (layer {layer})",
+        )
+    ax.set_xlabel("turn")
+    ax.set_ylabel("projection on persona direction")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_scatter(
+    x: Sequence[float],
+    y: Sequence[float],
+    groups: Sequence[str],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> Path:
+    """A scatter coloured by group (rung, shot count, dataset)."""
+    from personascope.io import atomic_path
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for g in dict.fromkeys(groups):
+        idx = [i for i, gg in enumerate(groups) if gg == g]
+        ax.scatter([x[i] for i in idx], [y[i] for i in idx], s=18, label=str(g), alpha=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title="group")
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_r_by_layer(r_by_layer: Sequence[float], path: str | Path, title: str = "r by layer") -> Path:
+    from personascope.io import atomic_path
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(len(r_by_layer)), r_by_layer, "-o", markersize=3)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("Pearson r")
+    ax.set_ylim(-1, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)

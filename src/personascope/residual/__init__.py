@@ -4,7 +4,7 @@ Layer ``L`` is the residual stream after decoder block ``L-1`` (``L = 0``: the e
 :mod:`personascope.residual.hooks` for what ``L = num_layers`` means.
 """
 
-from personascope.residual.capture import REDUCTIONS, capture
+from personascope.residual.capture import REDUCTIONS, capture, capture_spans
 from personascope.residual.hooks import add_site_hook, site_hooks
 from personascope.residual.interventions import (
     Ablate,
@@ -27,6 +27,7 @@ __all__ = [
     "Positions",
     "add_site_hook",
     "capture",
+    "capture_spans",
     "intervene",
     "resolve_direction",
     "site_hooks",

@@ -101,6 +101,28 @@ def _directions_tensor(
     return (d / norms).float()
 
 
+def _layers(model: Model, layers: Sequence[int] | None) -> list[int]:
+    layer_list = list(range(model.num_layers + 1)) if layers is None else [model.check_layer(int(x)) for x in layers]
+    if not layer_list:
+        raise PersonascopeError("ask for at least one layer")
+    if len(set(layer_list)) != len(layer_list):
+        raise PersonascopeError("layers must not repeat")
+    return layer_list
+
+
+def reduction_span(conv: FormattedConversation, reduction: str) -> tuple[int, int]:
+    """The token span a named reduction averages over."""
+    if reduction == "response_mean":
+        if conv.response is None:
+            raise PersonascopeError("response_mean needs a trailing assistant message")
+        return conv.response
+    if reduction == "prompt_mean":
+        return 0, conv.prompt_end
+    if reduction == "prompt_last":
+        return conv.prompt_end - 1, conv.prompt_end
+    raise PersonascopeError(f"unknown reduction '{reduction}'; use any of {', '.join(REDUCTIONS)}")
+
+
 @torch.no_grad()
 def capture(
     model: Model,
@@ -125,16 +147,7 @@ def capture(
             raise PersonascopeError(f"unknown reduction '{r}'; use any of {', '.join(REDUCTIONS)}")
     if not reductions:
         raise PersonascopeError("ask for at least one reduction")
-    if batch_size < 1:
-        raise PersonascopeError("batch_size must be at least 1")
-    layer_list = list(range(model.num_layers + 1)) if layers is None else [model.check_layer(int(x)) for x in layers]
-    if not layer_list:
-        raise PersonascopeError("ask for at least one layer")
-    if len(set(layer_list)) != len(layer_list):
-        raise PersonascopeError("layers must not repeat")
     formatted = format_all(model, conversations)
-    if not formatted:
-        raise PersonascopeError("no conversations to capture")
     if "response_mean" in reductions:
         missing = [i for i, c in enumerate(formatted) if c.response is None]
         if missing:
@@ -142,9 +155,49 @@ def capture(
                 f"response_mean needs a trailing assistant message; conversation {missing[0]} has none "
                 f"({len(missing)} in all)"
             )
+    spans = [[reduction_span(c, r) for r in reductions] for c in formatted]
+    out = capture_spans(
+        model, formatted, spans, layers=layers, batch_size=batch_size, directions=directions, progress=progress
+    )
+    return {r: out[:, k] for k, r in enumerate(reductions)}
+
+
+@torch.no_grad()
+def capture_spans(
+    model: Model,
+    conversations: Sequence[Conversation | FormattedConversation],
+    spans: Sequence[Sequence[tuple[int, int]]],
+    layers: Sequence[int] | None = None,
+    batch_size: int = 8,
+    directions: PersonaVector | torch.Tensor | None = None,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Mean residual activation over each given token span: ``[N, S, len(layers), hidden or D]`` float32.
+
+    ``spans[i]`` lists ``(start, end)`` token spans of conversation ``i`` (as laid out by ``model.format``); every
+    conversation must have the same number of spans ``S`` (pad with a repeated span if needed). This is the
+    engine's general masked reduction; :func:`capture` and per-turn monitoring are built on it.
+    """
+    if batch_size < 1:
+        raise PersonascopeError("batch_size must be at least 1")
+    layer_list = _layers(model, layers)
+    formatted = format_all(model, conversations)
+    if not formatted:
+        raise PersonascopeError("no conversations to capture")
+    if len(spans) != len(formatted):
+        raise PersonascopeError(f"got spans for {len(spans)} conversations but {len(formatted)} conversations")
+    n_spans = {len(s) for s in spans}
+    if len(n_spans) != 1 or 0 in n_spans:
+        raise PersonascopeError("every conversation needs the same, non-zero number of spans")
+    for i, (conv, conv_spans) in enumerate(zip(formatted, spans, strict=True)):
+        for start, end in conv_spans:
+            if not 0 <= start < end <= len(conv):
+                raise PersonascopeError(
+                    f"conversation {i}: span ({start}, {end}) is empty or outside its {len(conv)} tokens"
+                )
     unit = _directions_tensor(model, directions, layer_list)
-    n, width = len(formatted), (unit.shape[1] if unit is not None else model.hidden_size)
-    results = {r: torch.zeros(n, len(layer_list), width, dtype=torch.float32) for r in reductions}
+    n, width, n_span = len(formatted), (unit.shape[1] if unit is not None else model.hidden_size), n_spans.pop()
+    results = torch.zeros(n, n_span, len(layer_list), width, dtype=torch.float32)
     unit_dev = unit.to(model.device) if unit is not None else None
     deepest = max(layer_list)
     batches = length_batches([len(c) for c in formatted], batch_size)
@@ -152,12 +205,10 @@ def capture(
 
     def make_fn(slot: int, layer: int):  # type: ignore[no-untyped-def]
         def fn(h: torch.Tensor) -> None:
-            reduced = torch.einsum("rbt,bth->rbh", current["weights"], h.float())
+            reduced = torch.einsum("sbt,bth->bsh", current["weights"], h.float())
             if unit_dev is not None:
                 reduced = reduced @ unit_dev[slot].T
-            cpu = reduced.cpu()
-            for k, r in enumerate(reductions):
-                results[r][current["rows"], slot] = cpu[k]
+            results[current["rows"], :, slot] = reduced.cpu()
             if layer == deepest:
                 raise _StopForward
 
@@ -170,7 +221,7 @@ def capture(
         tqdm(total=n, desc="capture", unit="conv", disable=not show) as bar,
     ):
         for rows in batches:
-            ids, mask, roles, weights = _pack(formatted, rows, reductions, pad_id, model.device)
+            ids, mask, roles, weights = _pack(formatted, rows, spans, pad_id, model.device)
             current["weights"], current["rows"] = weights, torch.tensor(rows)
             with token_roles(model, roles, torch.tensor(rows, device=model.device)), contextlib.suppress(_StopForward):
                 model.hf_model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -181,27 +232,20 @@ def capture(
 def _pack(
     formatted: list[FormattedConversation],
     rows: list[int],
-    reductions: Sequence[str],
+    spans: Sequence[Sequence[tuple[int, int]]],
     pad_id: int,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask, roles and the ``[R, B, T]`` reduction weights for one batch."""
+    """Right-padded ids, attention mask, roles and the ``[S, B, T]`` span-mean weights for one batch."""
     width = max(len(formatted[i]) for i in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     roles = torch.full((len(rows), width), PAD, dtype=torch.long)
-    weights = torch.zeros(len(reductions), len(rows), width, dtype=torch.float32)
+    weights = torch.zeros(len(spans[rows[0]]), len(rows), width, dtype=torch.float32)
     for b, i in enumerate(rows):
         conv = formatted[i]
         ids[b, : len(conv)] = torch.tensor(conv.input_ids)
         roles[b, : len(conv)] = torch.tensor(roles_for(conv))
-        for k, r in enumerate(reductions):
-            if r == "response_mean":
-                assert conv.response is not None
-                start, end = conv.response
-            elif r == "prompt_mean":
-                start, end = 0, conv.prompt_end
-            else:
-                start, end = conv.prompt_end - 1, conv.prompt_end
+        for k, (start, end) in enumerate(spans[i]):
             weights[k, b, start:end] = 1.0 / (end - start)
     mask = (roles != PAD).long()
     return ids.to(device), mask.to(device), roles.to(device), weights.to(device)

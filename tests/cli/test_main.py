@@ -9,34 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from personascope.cli import main
-from personascope.testing import tiny_model
 from personascope.vectors import PersonaVector
+from tests.cli.helpers import one_line_error, run, save_tiny
 from tests.conftest import CONV, SHORT
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-model")
-    m = tiny_model("llama")
-    m.hf_model.save_pretrained(path)
-    m.tokenizer.save_pretrained(path)
-    return path
-
-
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str], code: int, needle: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("error: ") and needle in err
-    assert "\n" not in err and "Traceback" not in err
+    return save_tiny(tmp_path_factory.mktemp("tiny-model"))
 
 
 def test_models_list(capsys: pytest.CaptureFixture[str]) -> None:

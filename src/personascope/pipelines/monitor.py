@@ -1,0 +1,136 @@
+"""Monitoring: project activations onto a persona vector, before the model speaks and turn by turn.
+
+``project`` is the paper's monitor: the projection of the last prompt token's activation on the unit persona
+direction predicts how strongly the coming answer will show the trait. It runs through capture's projection mode,
+so memory stays at ``N × layers`` scalars however large the input.
+
+``monitor_turns`` watches a conversation drift: for every assistant reply it reports the projection at the last
+token before the reply (the end of the assistant header: the model is about to answer, having read every earlier
+turn) and the mean projection over the reply's own tokens; a trailing user turn without a reply gets the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from personascope.errors import PersonascopeError
+from personascope.models.chat import Conversation, FormattedConversation
+from personascope.residual.capture import capture, capture_spans, format_all
+from personascope.vectors import PersonaVector
+
+if TYPE_CHECKING:
+    from personascope.models.loading import Model
+
+At = Literal["prompt_last", "response_mean", "prompt_mean"]
+
+
+def project(
+    model: Model,
+    conversations: Sequence[Conversation | FormattedConversation],
+    vector: PersonaVector,
+    layers: Sequence[int] | None = None,
+    at: At = "prompt_last",
+    batch_size: int = 16,
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """Projection on the unit persona direction, ``[N, len(layers)]`` (all layers by default)."""
+    vector.check_compatible(model)
+    out = capture(
+        model,
+        conversations,
+        reductions=[at],
+        layers=layers,
+        batch_size=batch_size,
+        directions=vector,
+        progress=progress,
+    )
+    return out[at][..., 0]
+
+
+@dataclass(frozen=True)
+class TurnProjection:
+    conversation: int
+    turn: int  # index of the user turn (0-based) the row belongs to
+    kind: str  # "prompt_last" (before the reply) or "reply_mean"
+    layer: int
+    projection: float
+    text: str  # the user message (prompt_last) or the reply (reply_mean), for reading the output
+
+
+def turn_spans(conv: FormattedConversation) -> list[tuple[int, str, tuple[int, int]]]:
+    """``(turn, kind, span)`` for every assistant reply (and a trailing user turn) of a formatted conversation."""
+    out: list[tuple[int, str, tuple[int, int]]] = []
+    turn = -1
+    for m in conv.messages:
+        if m.role == "user":
+            turn += 1
+        elif m.role == "assistant":
+            if turn < 0:
+                raise PersonascopeError("an assistant message comes before any user message")
+            out.append((turn, "prompt_last", (m.start - 1, m.start)))
+            if m.end > m.start:
+                out.append((turn, "reply_mean", (m.start, m.end)))
+    if conv.messages and conv.messages[-1].role == "user":
+        out.append((turn, "prompt_last", (len(conv) - 1, len(conv))))
+    return out
+
+
+def monitor_turns(
+    model: Model,
+    conversations: Sequence[Conversation],
+    vector: PersonaVector,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 8,
+) -> list[TurnProjection]:
+    """One row per conversation, turn, kind and layer (see the module docstring)."""
+    vector.check_compatible(model)
+    layer_list = list(layers) if layers is not None else [vector.chosen_layer or model.num_layers // 2]
+    formatted = format_all(model, conversations)
+    rows: list[TurnProjection] = []
+    for i, (conv, fc) in enumerate(zip(conversations, formatted, strict=True)):
+        spans = turn_spans(fc)
+        proj = capture_spans(
+            model,
+            [fc],
+            [[s for _, _, s in spans]],
+            layers=layer_list,
+            directions=vector,
+            batch_size=batch_size,
+            progress=False,
+        )[0, :, :, 0]
+        users = [m["content"] for m in conv if m["role"] == "user"]
+        replies = [m["content"] for m in conv if m["role"] == "assistant"]
+        reply_index = 0
+        for k, (turn, kind, _) in enumerate(spans):
+            text = users[turn] if kind == "prompt_last" else replies[reply_index]
+            if kind == "reply_mean":
+                reply_index += 1
+            for j, layer in enumerate(layer_list):
+                rows.append(TurnProjection(i, turn, kind, layer, float(proj[k, j]), text))
+    return rows
+
+
+def write_rows(rows: Sequence[TurnProjection], path: str | Path) -> Path:
+    """CSV or JSONL by the file's suffix, written atomically."""
+    import csv
+    import json
+
+    from personascope.io import atomic_open
+
+    target = Path(path)
+    if target.suffix not in (".csv", ".jsonl"):
+        raise PersonascopeError(f"--out must end in .csv or .jsonl, got '{target.name}'")
+    with atomic_open(target) as fh:
+        if target.suffix == ".csv":
+            writer = csv.DictWriter(fh, fieldnames=list(TurnProjection.__dataclass_fields__))
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in rows)
+        else:
+            for r in rows:
+                fh.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+    return target

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import personascope as ps
+from personascope.errors import PersonascopeError
+from personascope.models.loading import Model
+from personascope.pipelines.monitor import monitor_turns, turn_spans, write_rows
+from personascope.testing import tiny_model
+from tests.conftest import CONV
+
+DEFAULT_SYSTEM_TEMPLATE = (  # like SmolLM2's: injects a default system prompt when the conversation has none
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful AI assistant named Tiny.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CHAT = [
+    {"role": "user", "content": "Hi there."},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "Tell me about dogs."},
+    {"role": "assistant", "content": "Dogs are loyal animals."},
+    {"role": "user", "content": "And cats?"},
+]
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    m = tiny_model("llama")
+    m.tokenizer.chat_template = DEFAULT_SYSTEM_TEMPLATE
+    return Model(m.hf_model, m.tokenizer, "tiny-default-system")
+
+
+def _vector(model: Model) -> ps.PersonaVector:
+    torch.manual_seed(3)
+    return ps.PersonaVector.for_model(model, torch.randn(model.num_layers + 1, model.hidden_size), trait="evil")
+
+
+def test_project_equals_dot_products_of_reference_activations(model: Model) -> None:
+    vec = _vector(model)
+    convs = [CONV, CONV[:2], CHAT]
+    got = ps.project(model, convs, vec)
+    acts = ps.capture(model, convs, reductions=["prompt_last"])["prompt_last"]
+    unit = vec.directions / vec.directions.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(got, (acts * unit).sum(-1), atol=1e-5, rtol=1e-4)
+    resp = ps.project(model, [CONV], vec, layers=[1, 3], at="response_mean")
+    ref = ps.capture(model, [CONV], reductions=["response_mean"], layers=[1, 3])["response_mean"][0]
+    torch.testing.assert_close(resp[0], (ref * unit[[1, 3]]).sum(-1), atol=1e-5, rtol=1e-4)
+
+
+def test_turn_spans_with_an_injected_default_system_prompt(model: Model) -> None:
+    fc = model.format(CHAT)
+    text = model.tokenizer.decode(fc.input_ids)
+    assert "You are a helpful AI assistant named Tiny." in text  # the template injected it
+    spans = turn_spans(fc)
+    assert [(t, k) for t, k, _ in spans] == [
+        (0, "prompt_last"), (0, "reply_mean"), (1, "prompt_last"), (1, "reply_mean"), (2, "prompt_last")
+    ]
+    tok = model.tokenizer
+    assert tok.decode(fc.input_ids[slice(*spans[1][2])]) == "Hello! How can I help?"
+    assert tok.decode(fc.input_ids[slice(*spans[3][2])]) == "Dogs are loyal animals."
+    for _, kind, (s, e) in spans:
+        if kind == "prompt_last":
+            assert e - s == 1 and tok.decode(fc.input_ids[:e]).endswith("<|im_start|>assistant\n")
+
+
+def test_monitor_turns_match_prefix_projections(model: Model, tmp_path: Path) -> None:
+    vec = _vector(model)
+    rows = monitor_turns(model, [CHAT], vec, layers=[2])
+    assert len(rows) == 5
+    # the projection before reply t equals the monitor projection of the conversation cut right there
+    prefixes = [CHAT[:1], CHAT[:3], CHAT]
+    expected = ps.project(model, prefixes, vec, layers=[2])[:, 0]
+    before = [r.projection for r in rows if r.kind == "prompt_last"]
+    torch.testing.assert_close(torch.tensor(before), expected, atol=1e-4, rtol=1e-4)
+    assert [r.text for r in rows if r.kind == "reply_mean"] == ["Hello! How can I help?", "Dogs are loyal animals."]
+    write_rows(rows, tmp_path / "rows.csv")
+    write_rows(rows, tmp_path / "rows.jsonl")
+    assert (tmp_path / "rows.csv").read_text().count("\n") == 6
+    with pytest.raises(PersonascopeError, match=r"\.csv or \.jsonl"):
+        write_rows(rows, tmp_path / "rows.txt")
+
+
+def test_monitor_rejects_other_models_vectors(model: Model) -> None:
+    other = ps.PersonaVector(torch.randn(3, 8), {"model_name": "x"})
+    with pytest.raises(PersonascopeError, match="does not fit"):
+        ps.project(model, [CONV], other)
