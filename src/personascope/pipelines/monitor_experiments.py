@@ -83,8 +83,8 @@ def build_points(kind: str, trait: TraitSpec, cfg: MonitorExperimentConfig) -> l
             raise PersonascopeError(f"trait '{trait.name}' has no 8-rung monitor_ladder; add one to its spec")
         for r, system in enumerate(trait.monitor_ladder):
             for q, question in enumerate(questions):
-                conv = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-                points.append(Point(f"rung{r}|{q}", f"rung {r}", r, question, conv))
+                ladder_conv = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+                points.append(Point(f"rung{r}|{q}", f"rung {r}", r, question, ladder_conv))
         return points
     if kind != "manyshot":
         raise PersonascopeError(f"unknown monitoring experiment '{kind}'; use prompts or manyshot")
@@ -149,10 +149,10 @@ def run_monitor_experiment(
     )
     scores = run_judging(run, "scores", judge_obj, trait, records, desc=f"{trait.name} {cfg.kind} judging")
     per_point: dict[str, list[float]] = {}
-    for r in records:
-        score = scores.get(r["key"], {}).get("trait")
+    for rec in records:
+        score = scores.get(rec["key"], {}).get("trait")
         if score is not None:
-            per_point.setdefault(r["point"], []).append(float(score))
+            per_point.setdefault(rec["point"], []).append(float(score))
     kept = [i for i, p in enumerate(points) if p.key in per_point]
     if len(kept) < 3:
         raise PersonascopeError("fewer than 3 prompts got a trait score; check the judge")
@@ -164,7 +164,7 @@ def run_monitor_experiment(
     if not candidates:
         raise PersonascopeError("projections or scores do not vary; no correlation can be computed")
     best = max(candidates, key=lambda layer: r_by_layer[layer])
-    r, low, high = pearson_ci(x_all[:, best], y, seed=cfg.seed)
+    r_best, low, high = pearson_ci(x_all[:, best].tolist(), y.tolist(), seed=cfg.seed)
     within = {}
     for g in dict.fromkeys(groups):
         idx = [i for i, gg in enumerate(groups) if gg == g]
@@ -173,11 +173,11 @@ def run_monitor_experiment(
     mean_within = float(np.mean(finite)) if finite else float("nan")
     _write(run, points, kept, projections, y, groups, best, r_by_layer, trait.name, cfg.kind)
     result = MonitorExperimentResult(
-        run.path, best, r, (low, high), within, mean_within, len(kept), r_by_layer, time.perf_counter() - started
+        run.path, best, r_best, (low, high), within, mean_within, len(kept), r_by_layer, time.perf_counter() - started
     )
     with (run.file("summary.json")).open("w") as fh:
         json.dump(asdict(result) | {"run_dir": str(run.path)}, fh, indent=2, default=float)
-    run.step("experiment", "done", best_layer=best, r=r)
+    run.step("experiment", "done", best_layer=best, r=r_best)
     return result
 
 
