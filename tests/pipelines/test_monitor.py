@@ -58,7 +58,11 @@ def test_turn_spans_with_an_injected_default_system_prompt(model: Model) -> None
     assert "You are a helpful AI assistant named Tiny." in text  # the template injected it
     spans = turn_spans(fc)
     assert [(t, k) for t, k, _ in spans] == [
-        (0, "prompt_last"), (0, "reply_mean"), (1, "prompt_last"), (1, "reply_mean"), (2, "prompt_last")
+        (0, "prompt_last"),
+        (0, "reply_mean"),
+        (1, "prompt_last"),
+        (1, "reply_mean"),
+        (2, "prompt_last"),
     ]
     tok = model.tokenizer
     assert tok.decode(fc.input_ids[slice(*spans[1][2])]) == "Hello! How can I help?"

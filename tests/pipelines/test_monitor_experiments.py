@@ -46,7 +46,7 @@ def test_points_for_both_designs() -> None:
     cfg = MonitorExperimentConfig(kind="manyshot", vector="x", n_questions=2, shots=[0, 2, 4])
     shots = build_points("manyshot", trait, cfg)
     assert len(shots) == 2 * (1 + 2 + 2)
-    four = [p for p in shots if p.group == "4 trait shots"][0].conversation
+    four = next(p for p in shots if p.group == "4 trait shots").conversation
     assert len(four) == 9 and [m["role"] for m in four[:2]] == ["user", "assistant"]
     assert build_points("manyshot", trait, cfg)[3].conversation == shots[3].conversation  # deterministic
     with pytest.raises(PersonascopeError, match="unknown monitoring experiment"):
@@ -57,8 +57,14 @@ def test_points_for_both_designs() -> None:
 
 @pytest.mark.parametrize("kind", ["prompts", "manyshot"])
 def test_experiment_end_to_end(tmp_path: Path, model, kind: str) -> None:  # type: ignore[no-untyped-def]
-    cfg = MonitorExperimentConfig(kind=kind, vector=str(_vector(model, tmp_path)), n_questions=3,
-                                  samples_per_question=1, max_new_tokens=4, shots=[0, 1, 2])
+    cfg = MonitorExperimentConfig(
+        kind=kind,
+        vector=str(_vector(model, tmp_path)),
+        n_questions=3,
+        samples_per_question=1,
+        max_new_tokens=4,
+        shots=[0, 1, 2],
+    )
     res = run_monitor_experiment(cfg, tmp_path / "run", model=model, judge=QuestionLengthJudge())
     assert 1 <= res.best_layer <= model.num_layers
     assert len(res.r_by_layer) == model.num_layers + 1
