@@ -14,6 +14,7 @@ import typer
 
 from personascope.cli import monitor, vectors
 from personascope.cli.judges import judges_app
+from personascope.cli.prefs import prefs_app
 from personascope.cli.serve import serve
 from personascope.cli.traits import traits_app
 from personascope.errors import PersonascopeError
@@ -29,6 +30,7 @@ models_app = typer.Typer(help="Bundled models: list and pull.", no_args_is_help=
 app.add_typer(models_app, name="models")
 app.add_typer(traits_app, name="traits")
 app.add_typer(judges_app, name="judges")
+app.add_typer(prefs_app, name="prefs")
 app.command("serve")(serve)
 app.command("extract")(vectors.extract)
 app.command("sweep")(vectors.sweep)

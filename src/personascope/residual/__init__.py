@@ -15,7 +15,7 @@ from personascope.residual.interventions import (
     resolve_direction,
     steering,
 )
-from personascope.residual.positions import POSITIONS, Positions, token_roles
+from personascope.residual.positions import POSITIONS, Positions, TokenSpans, token_roles
 
 __all__ = [
     "POSITIONS",
@@ -25,6 +25,7 @@ __all__ = [
     "Cap",
     "Intervention",
     "Positions",
+    "TokenSpans",
     "add_site_hook",
     "capture",
     "capture_spans",

@@ -16,7 +16,13 @@ import torch
 
 from personascope.errors import PersonascopeError
 from personascope.residual.hooks import SiteFn, site_hooks
-from personascope.residual.positions import Positions, check_positions, get_forward_state, position_mask
+from personascope.residual.positions import (
+    Positions,
+    TokenSpans,
+    check_positions,
+    get_forward_state,
+    position_mask,
+)
 
 if TYPE_CHECKING:
     from personascope.models.loading import Model
@@ -56,13 +62,14 @@ def _masked(delta: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 class Add:
     """``h ← h + coef · direction`` on the selected positions (``direction`` used as given, not normalised).
 
-    ``coef`` may be a float or a 1-D tensor with one coefficient per conversation (per batch row).
+    ``coef`` may be a float or a 1-D tensor with one coefficient per conversation (per batch row). ``positions`` is
+    a name (see :mod:`~personascope.residual.positions`) or explicit per-conversation :class:`TokenSpans`.
     """
 
     direction: torch.Tensor
     layer: int
     coef: float | torch.Tensor = 1.0
-    positions: Positions = "all"
+    positions: Positions | TokenSpans = "all"
 
     def apply(self, h: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
         delta = _row_coef(self.coef, h, rows) * _as_direction(self.direction, h)
@@ -75,7 +82,7 @@ class Ablate:
 
     direction: torch.Tensor
     layer: int
-    positions: Positions = "all"
+    positions: Positions | TokenSpans = "all"
 
     def apply(self, h: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
         u = _unit(_as_direction(self.direction, h))
@@ -94,7 +101,7 @@ class Cap:
     layer: int
     threshold: float
     side: Literal["upper", "lower"] = "upper"
-    positions: Positions = "all"
+    positions: Positions | TokenSpans = "all"
 
     def apply(self, h: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor:
         u = _unit(_as_direction(self.direction, h))
@@ -113,7 +120,8 @@ Intervention = Add | Ablate | Cap
 
 def _validate(model: Model, item: Intervention) -> None:
     model.check_layer(item.layer)
-    check_positions(item.positions)
+    if not isinstance(item.positions, TokenSpans):
+        check_positions(item.positions)
     d = item.direction
     if not isinstance(d, torch.Tensor) or d.dim() != 1 or d.shape[0] != model.hidden_size:
         shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
@@ -129,7 +137,7 @@ def _site_fn(model: Model, items: list[Intervention]) -> SiteFn:
     def fn(h: torch.Tensor) -> torch.Tensor:
         roles, rows = state.get("roles"), state.get("rows")
         for item in items:
-            h = item.apply(h, position_mask(item.positions, roles, h.shape), rows)
+            h = item.apply(h, position_mask(item.positions, roles, h.shape, rows), rows)
         return h
 
     return fn
