@@ -16,10 +16,18 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_sweep(cells: Sequence[Any], path: str | Path, title: str = "steering sweep") -> Path:
-    """Trait and coherence against the coefficient, one line per layer (random-direction controls dashed)."""
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Write the figure atomically as PNG and free it."""
     from personascope.io import atomic_path
 
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_sweep(cells: Sequence[Any], path: str | Path, title: str = "steering sweep") -> Path:
+    """Trait and coherence against the coefficient, one line per layer (random-direction controls dashed)."""
     plt = _pyplot()
     baseline = next((c for c in cells if c.direction == "base"), None)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -49,16 +57,11 @@ def plot_sweep(cells: Sequence[Any], path: str | Path, title: str = "steering sw
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_turns(rows: Sequence[Any], path: str | Path, title: str = "projection per turn") -> Path:
     """Projection per turn, one line per conversation and kind (before the reply: solid; the reply: dotted)."""
-    from personascope.io import atomic_path
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     series: dict[tuple[int, str, int], list[Any]] = {}
@@ -78,10 +81,7 @@ def plot_turns(rows: Sequence[Any], path: str | Path, title: str = "projection p
     ax.legend(fontsize=7)
     ax.set_title(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_scatter(
@@ -95,8 +95,6 @@ def plot_scatter(
     title: str,
 ) -> Path:
     """A scatter coloured by group (rung, shot count, dataset)."""
-    from personascope.io import atomic_path
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for g in dict.fromkeys(groups):
@@ -108,15 +106,10 @@ def plot_scatter(
     ax.legend(fontsize=7, title="group")
     ax.set_title(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_r_by_layer(r_by_layer: Sequence[float], path: str | Path, title: str = "r by layer") -> Path:
-    from personascope.io import atomic_path
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(len(r_by_layer)), r_by_layer, "-o", markersize=3)
@@ -127,7 +120,4 @@ def plot_r_by_layer(r_by_layer: Sequence[float], path: str | Path, title: str = 
     ax.grid(alpha=0.3)
     ax.set_title(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)

@@ -9,16 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from personascope.report.plots import _pyplot
-
-
-def _save(fig: Any, plt: Any, path: str | Path) -> Path:
-    from personascope.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
+from personascope.report.plots import _pyplot, _save
 
 
 def plot_probe_layers(report: Any, path: str | Path, title: str = "utility probes by layer") -> Path:
@@ -60,7 +51,7 @@ def plot_probe_layers(report: Any, path: str | Path, title: str = "utility probe
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return _save(plt, fig, path)
 
 
 def plot_persona_matrices(
@@ -87,7 +78,7 @@ def plot_persona_matrices(
     if image is not None:
         fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
     fig.suptitle(title)
-    return _save(fig, plt, path)
+    return _save(plt, fig, path)
 
 
 def plot_choice_steering(points: Sequence[Any], path: str | Path, title: str = "choice steering") -> Path:
@@ -126,4 +117,4 @@ def plot_choice_steering(points: Sequence[Any], path: str | Path, title: str = "
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return _save(plt, fig, path)
