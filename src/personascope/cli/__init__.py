@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from personascope.cli import finetune as finetune_cli
 from personascope.cli import monitor, vectors
 from personascope.cli.judges import judges_app
 from personascope.cli.prefs import prefs_app
@@ -38,6 +39,7 @@ app.command("steer")(vectors.steer)
 app.command("demo")(vectors.demo)
 app.command("monitor")(monitor.monitor)
 app.add_typer(monitor.experiment_app, name="experiment")
+finetune_cli.register(app)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled alias, hub id, model directory or .gguf file.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="torch device (default: cuda if available, else cpu).")]

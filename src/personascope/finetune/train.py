@@ -1,0 +1,655 @@
+"""Finetuning: LoRA (through peft) or a full finetune, with optional preventative steering or CAFT ablation.
+
+A plain torch loop: AdamW, linear warm-up then linear decay, gradient accumulation, gradient clipping, loss on
+assistant tokens only (see :mod:`personascope.finetune.datasets`), normalised by the number of labelled tokens in
+each optimizer step. The data order of epoch ``e`` is a permutation seeded with ``seed + e`` and every optimizer step
+reseeds torch's generator, so a run resumed from a checkpoint ends exactly where an uninterrupted one would.
+
+Steering during training goes through the engine: every training forward pass runs inside
+``personascope.intervene(model, [Add(coef · v[L], L)])`` (preventative steering, the paper's "steer *along* the
+vector while training") or ``[Ablate(v[L], L)]`` (CAFT: project the direction out). The hooks exist only inside that
+``with`` block, so the trained model — and the saved adapter — runs unsteered at inference.
+
+Run directory layout::
+
+    manifest.json            config (dataset and vector digests, base fingerprint), step status
+    loss.jsonl               one record per optimizer step: loss, learning rate, labelled tokens
+    checkpoints/step-NNNNNN  the latest checkpoint: trainable weights and optimizer state (safetensors + JSON)
+    adapter/                 LoRA: peft's adapter (safetensors) + personascope.json (base fingerprint, config)
+    model/                   full finetune: the whole model and tokenizer (safetensors) + personascope.json
+
+No pickle anywhere: checkpoints store tensors as safetensors and everything else as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from personascope.errors import PersonascopeError
+from personascope.finetune.datasets import (
+    IGNORE,
+    TokenizedExample,
+    dataset_digest,
+    load_chat_jsonl,
+    tokenize_examples,
+)
+from personascope.models.layers import unwrap_peft
+from personascope.residual.interventions import Ablate, Add, Intervention, intervene
+from personascope.residual.positions import PAD, PROMPT, PROMPT_LAST, RESPONSE, check_positions, token_roles
+
+if TYPE_CHECKING:
+    from personascope.models.loading import Model
+
+__all__ = [
+    "FINETUNE_MANIFEST",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
+    "forward_loss",
+    "load_finetuned",
+    "read_finetune_manifest",
+    "training_interventions",
+]
+
+FINETUNE_MANIFEST = "personascope.json"
+_FORMAT = "personascope-finetune"
+DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines a finetuning run (a run directory resumes only with the same config).
+
+    ``steer``/``ablate`` name a PersonaVector file; ``layer`` defaults to the vector's chosen layer. With
+    ``steer``, ``coef · v[layer]`` is added at ``positions`` during every training forward pass; with ``ablate``,
+    the component along ``v[layer]`` is removed there.
+    """
+
+    dataset: str
+    model: str = "smollm2-135m-instruct"
+    method: str = "lora"  # lora | full
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    rslora: bool = False
+    target_modules: list[str] | str = "all-linear"
+    lr: float | None = None  # default: 2e-4 (lora) or 2e-5 (full)
+    epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup_steps: int = 2
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 25
+    label_end_token: bool = False
+    limit: int | None = None  # train on the first N conversations only
+    steer: str | None = None
+    ablate: str | None = None
+    layer: int | None = None
+    coef: float = 0.0
+    positions: str = "all"
+
+    def resolved(self) -> FinetuneConfig:
+        out = FinetuneConfig(**asdict(self))
+        if out.method not in DEFAULT_LR:
+            raise PersonascopeError(f"unknown method '{out.method}'; use lora or full")
+        if out.lr is None:
+            out.lr = DEFAULT_LR[out.method]
+        for name in ("rank", "epochs", "batch_size", "grad_accum", "max_length", "checkpoint_every"):
+            if int(getattr(out, name)) < 1:
+                raise PersonascopeError(f"{name.replace('_', '-')} must be at least 1")
+        if out.lr <= 0:
+            raise PersonascopeError("lr must be positive")
+        if out.warmup_steps < 0 or out.weight_decay < 0 or out.max_grad_norm < 0 or not 0 <= out.dropout < 1:
+            raise PersonascopeError("warmup steps, weight decay and max grad norm must be >= 0, dropout in [0, 1)")
+        if out.steer and out.ablate:
+            raise PersonascopeError("choose --steer or --ablate, not both")
+        if out.layer is not None and not (out.steer or out.ablate):
+            raise PersonascopeError("--layer needs --steer or --ablate")
+        if isinstance(out.target_modules, str) and out.target_modules != "all-linear":
+            out.target_modules = [m.strip() for m in out.target_modules.split(",") if m.strip()]
+        if not out.target_modules:
+            raise PersonascopeError("give at least one LoRA target module (or all-linear)")
+        check_positions(out.positions)
+        return out
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    artifact: Path  # the adapter (LoRA) or model (full) directory
+    model: Model  # the finetuned model, unsteered, in eval mode
+    steps: int
+    final_loss: float | None
+    losses: list[float]
+    data: dict[str, Any]  # tokenisation stats: n, kept, truncated, dropped_lines
+    seconds: float
+    resumed_from: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ the forward pass
+
+
+def training_interventions(
+    model: Model,
+    *,
+    steer: torch.Tensor | None = None,
+    ablate: torch.Tensor | None = None,
+    layer: int | None = None,
+    coef: float = 0.0,
+    positions: str = "all",
+) -> list[Intervention]:
+    """The engine interventions a training forward pass runs under: ``Add(coef · steer)`` or ``Ablate(ablate)``."""
+    if steer is None and ablate is None:
+        return []
+    if layer is None:
+        raise PersonascopeError("steering or ablating during training needs a layer")
+    model.check_layer(layer)
+    pos = check_positions(positions)
+    if steer is not None:
+        return [Add(steer.detach().float(), layer, float(coef), pos)]
+    assert ablate is not None
+    return [Ablate(ablate.detach().float(), layer, pos)]
+
+
+def _accepts_logits_to_keep(model: Model) -> bool:
+    key = "train_accepts_logits_to_keep"
+    if key not in model._state:
+        try:
+            params = inspect.signature(unwrap_peft(model.hf_model).forward).parameters
+            model._state[key] = "logits_to_keep" in params
+        except (TypeError, ValueError):
+            model._state[key] = False
+    return bool(model._state[key])
+
+
+def collate(
+    batch: Sequence[TokenizedExample], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask, labels (``-100`` on padding) and token roles for one micro-batch.
+
+    Labelled tokens get the role ``response``, the token before each labelled run ``last prompt``, every other real
+    token ``prompt`` and padding ``pad``, so ``positions`` names mean the same as during generation.
+    """
+    width = max(len(ex.input_ids) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    roles = torch.full((len(batch), width), PAD, dtype=torch.long)
+    for b, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        ids[b, :n] = torch.tensor(ex.input_ids)
+        row_labels = torch.tensor(ex.labels)
+        labels[b, :n] = row_labels
+        labelled = row_labels != IGNORE
+        row_roles = torch.where(labelled, RESPONSE, PROMPT)
+        starts = labelled[1:] & ~labelled[:-1]
+        row_roles[:-1][starts] = PROMPT_LAST
+        roles[b, :n] = row_roles
+    mask = (roles != PAD).long()
+    return ids.to(device), mask.to(device), labels.to(device), roles.to(device)
+
+
+def forward_loss(
+    model: Model, batch: Sequence[TokenizedExample], interventions: Sequence[Intervention] = ()
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the labelled tokens of ``batch`` and their count.
+
+    The forward pass runs inside ``intervene(model, interventions)`` (with the batch's token roles known to the
+    engine), so steering and ablation act exactly as they do at inference — and only here.
+    """
+    ids, mask, labels, roles = collate(batch, int(model.tokenizer.pad_token_id), model.device)
+    target = labels[:, 1:]
+    n_tokens = int((target != IGNORE).sum())
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    labelled_cols = (target != IGNORE).any(dim=0).nonzero()
+    first = int(labelled_cols[0]) if len(labelled_cols) else 0  # first prediction position that carries a label
+    width = ids.shape[1]
+    if _accepts_logits_to_keep(model) and first > 0:
+        kwargs["logits_to_keep"] = width - first
+    ctx = intervene(model, interventions) if interventions else contextlib.nullcontext()
+    with token_roles(model, roles), ctx:
+        out = model.hf_model(**kwargs)
+    logits = out.logits
+    offset = width - logits.shape[1]  # logits[:, j] predicts token offset + j + 1
+    logits = logits[:, : width - 1 - offset]
+    target = target[:, offset:]
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, n_tokens
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, entries in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _checkpoints(run_path: Path) -> list[Path]:
+    folder = run_path / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def _save_checkpoint(
+    run_path: Path, step: int, named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer
+) -> Path:
+    from safetensors.torch import save_file
+
+    folder = run_path / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".partial-step-{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({n: p.detach().to("cpu").contiguous() for n, p in named}, str(tmp / "params.safetensors"))
+    tensors, meta = _optimizer_to_flat(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "names": [n for n, _ in named], "optimizer": meta}))
+    final = folder / f"step-{step:06d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _checkpoints(run_path):
+        if old != final:
+            shutil.rmtree(old)
+    return final
+
+
+def _restore_checkpoint(
+    run_path: Path, named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer
+) -> int:
+    """Load the latest complete checkpoint into the parameters and optimizer; returns its step (0 if none)."""
+    from safetensors.torch import load_file
+
+    found = _checkpoints(run_path)
+    if not found:
+        return 0
+    latest = found[-1]
+    try:
+        info = json.loads((latest / "state.json").read_text())
+        params = load_file(str(latest / "params.safetensors"))
+        opt_tensors = load_file(str(latest / "optimizer.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise PersonascopeError(
+            f"checkpoint {latest} is unreadable ({exc}); pass --overwrite to start afresh"
+        ) from None
+    if info.get("names") != [n for n, _ in named]:
+        raise PersonascopeError(f"checkpoint {latest} holds other parameters; pass --overwrite to start afresh")
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(params[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(_optimizer_from_flat(opt_tensors, info["optimizer"]))
+    return int(info["step"])
+
+
+# ------------------------------------------------------------------------------------------------ manifests, loading
+
+
+def _artifact_dir(path: str | Path) -> Path:
+    """The adapter/model folder for a run directory or the folder itself."""
+    root = Path(path)
+    if (root / FINETUNE_MANIFEST).is_file():
+        return root
+    for name in ("adapter", "model"):
+        if (root / name / FINETUNE_MANIFEST).is_file():
+            return root / name
+    if not root.exists():
+        raise PersonascopeError(f"finetune not found: {root}")
+    raise PersonascopeError(
+        f"{root} is not a personascope finetune (no {FINETUNE_MANIFEST}); give the run directory of "
+        "`personascope finetune` or its adapter/ folder"
+    )
+
+
+def read_finetune_manifest(path: str | Path) -> dict[str, Any]:
+    """The ``personascope.json`` of a finetune (run directory, adapter/ or model/ folder)."""
+    folder = _artifact_dir(path)
+    try:
+        data = json.loads((folder / FINETUNE_MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PersonascopeError(f"{folder / FINETUNE_MANIFEST} is unreadable ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != _FORMAT:
+        raise PersonascopeError(f"{folder / FINETUNE_MANIFEST} is not a personascope finetune manifest")
+    data["path"] = str(folder)
+    return data
+
+
+def load_finetuned(
+    base: str | Model | None,
+    adapter_dir: str | Path,
+    *,
+    merge: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Model:
+    """The finetuned model: ``base`` (a spec, a loaded Model — never modified, its weights are copied — or None for
+    the base recorded in the manifest) with the adapter applied (merged into the weights unless ``merge=False``).
+
+    The base model's fingerprint must match the one recorded when the adapter was trained; a mismatch is a
+    one-line error. A full finetune loads its own saved model (checked against ``base`` when one is given).
+    """
+    from personascope.models.loading import Model as ModelCls
+    from personascope.models.loading import load_model
+
+    manifest = read_finetune_manifest(adapter_dir)
+    folder = Path(manifest["path"])
+    kind = manifest.get("kind")
+    if kind == "full" and base is None:
+        tuned = load_model(str(folder), device=device, dtype=dtype)
+        tuned.name = f"{manifest.get('base_model_name', 'model')}+{_label(folder)}"
+        return tuned
+    base_model = (
+        base if isinstance(base, ModelCls) else load_model(base or manifest["base_model"], device=device, dtype=dtype)
+    )
+    if base_model.fingerprint() != manifest.get("base_fingerprint"):
+        raise PersonascopeError(
+            f"{folder} was trained on {manifest.get('base_model_name')} (fingerprint "
+            f"{manifest.get('base_fingerprint')}) but {base_model.name} has fingerprint {base_model.fingerprint()}; "
+            f"pass the base model it was trained on (--model {manifest.get('base_model')})"
+        )
+    if kind == "full":
+        tuned = load_model(str(folder), device=base_model.device, dtype=base_model.dtype)
+        tuned.name = f"{base_model.name}+{_label(folder)}"
+        return tuned
+    if kind != "lora":
+        raise PersonascopeError(f"{folder}: unknown finetune kind {kind!r}")
+    from peft import PeftModel
+
+    hf = copy.deepcopy(base_model.hf_model) if isinstance(base, ModelCls) else base_model.hf_model
+    try:
+        with warnings.catch_warnings():  # transformers' deprecation notice raised from inside peft
+            warnings.simplefilter("ignore", FutureWarning)
+            wrapped: Any = PeftModel.from_pretrained(hf, str(folder))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PersonascopeError(f"cannot apply the adapter in {folder} ({first})") from None
+    hf_out = wrapped.merge_and_unload() if merge else wrapped
+    hf_out.eval()
+    return ModelCls(
+        hf_model=hf_out,
+        tokenizer=base_model.tokenizer,
+        name=f"{base_model.name}+{_label(folder)}",
+        layers_path=base_model.layers_path,
+    )
+
+
+def _label(folder: Path) -> str:
+    return folder.parent.name if folder.name in ("adapter", "model") else folder.name
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _load_vector_direction(path: str, model: Model, layer: int | None) -> tuple[torch.Tensor, int, str]:
+    from personascope.vectors import PersonaVector
+
+    vector = PersonaVector.load(path)
+    vector.check_compatible(model)
+    chosen = layer if layer is not None else vector.chosen_layer
+    if chosen is None:
+        raise PersonascopeError(f"{path} has no chosen layer; pass --layer")
+    model.check_layer(chosen)
+    return vector.directions[chosen].clone(), chosen, dataset_digest(path)
+
+
+def _plan(n: int, batch_size: int, grad_accum: int, epochs: int, seed: int) -> list[tuple[int, list[list[int]]]]:
+    """``(epoch, micro-batches)`` for every optimizer step, in order (deterministic in the seed)."""
+    steps: list[tuple[int, list[list[int]]]] = []
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        micro = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        for i in range(0, len(micro), grad_accum):
+            steps.append((epoch, micro[i : i + grad_accum]))
+    return steps
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to zero at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / (warmup + 1)
+    remaining = max(1, total - max(warmup, 0))
+    return base * max(0.0, (total - step) / remaining)
+
+
+def _prepare(cfg: FinetuneConfig, hf: Any) -> Any:
+    if cfg.method == "full":
+        for p in hf.parameters():
+            p.requires_grad_(True)
+        return hf
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_rslora=cfg.rslora,
+        bias="none",
+    )
+    try:
+        with warnings.catch_warnings():  # transformers' deprecation notice raised from inside peft
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(hf, lora)
+    except ValueError as exc:
+        first = (str(exc).strip().splitlines() or ["ValueError"])[0]
+        raise PersonascopeError(f"cannot set up LoRA ({first}); check --target-modules") from None
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    model: Model | None = None,
+    device: str | torch.device | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Train (or resume) a finetune into the run directory ``out``; returns the finetuned model and where it lives.
+
+    ``model`` may be passed pre-loaded: it is copied, never modified. ``stop_after=N`` stops after optimizer step
+    ``N`` with a checkpoint, as an interruption would (the next call resumes from it); the result then holds the
+    partly trained model and no saved artifact.
+    """
+    from personascope.models.loading import Model as ModelCls
+    from personascope.models.loading import load_model
+    from personascope.runs import RunDir
+
+    started = time.perf_counter()
+    cfg = cfg.resolved()
+    examples = load_chat_jsonl(cfg.dataset, limit=cfg.limit)
+    base = model if model is not None else load_model(cfg.model, device=device)
+    base_fp = base.fingerprint()
+    steer_dir = ablate_dir = None
+    layer = cfg.layer
+    vector_digest = None
+    if cfg.steer or cfg.ablate:
+        direction, layer, vector_digest = _load_vector_direction(str(cfg.steer or cfg.ablate), base, cfg.layer)
+        if cfg.steer:
+            steer_dir = direction
+        else:
+            ablate_dir = direction
+    config = asdict(cfg) | {
+        "dataset_sha256": dataset_digest(cfg.dataset),
+        "vector_sha256": vector_digest,
+        "resolved_layer": layer,
+        "base_fingerprint": base_fp,
+    }
+    run = RunDir(out, config, overwrite=overwrite, kind="finetune")
+    artifact = run.file("adapter" if cfg.method == "lora" else "model")
+    if run.step_done("train") and (artifact / FINETUNE_MANIFEST).is_file():
+        tuned = load_finetuned(base, artifact, merge=False)
+        info = run.manifest["steps"]["train"]
+        losses = [float(r["loss"]) for r in run.records("loss")]
+        return FinetuneResult(
+            run.path,
+            artifact,
+            tuned,
+            int(info.get("steps", 0)),
+            info.get("final_loss"),
+            losses,
+            run.manifest.get("data", {}),
+            time.perf_counter() - started,
+            int(info.get("steps", 0)),
+            info,
+        )
+
+    torch.manual_seed(cfg.seed)
+    hf = copy.deepcopy(base.hf_model) if model is not None else base.hf_model
+    hf = _prepare(cfg, hf)
+    tuned = ModelCls(
+        hf_model=hf, tokenizer=base.tokenizer, name=f"{base.name}+{run.path.name}", layers_path=base.layers_path
+    )
+    data, stats = tokenize_examples(tuned, examples, max_length=cfg.max_length, label_end_token=cfg.label_end_token)
+    run.note("data", stats)
+    interventions = training_interventions(
+        tuned, steer=steer_dir, ablate=ablate_dir, layer=layer, coef=cfg.coef, positions=cfg.positions
+    )
+    named = [(n, p) for n, p in hf.named_parameters() if p.requires_grad]
+    assert cfg.lr is not None
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    plan = _plan(len(data), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.seed)
+    start = _restore_checkpoint(run.path, named, optimizer)
+    run.step("train", "running", total_steps=len(plan), resumed_from=start)
+    hf.train()
+    losses = [
+        float(r["loss"]) for r in sorted(run.records("loss"), key=lambda r: int(r["step"])) if int(r["step"]) < start
+    ]
+    completed = start
+    with tqdm(total=len(plan), initial=start, desc="finetune", unit="step", disable=not progress) as bar:
+        for step in range(start, len(plan)):
+            if stop_after is not None and step >= stop_after:
+                break
+            epoch, micro = plan[step]
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout (if any) reproducible across resumes
+            batches = [[data[i] for i in rows] for rows in micro]
+            total_tokens = sum(ex.n_labelled for b in batches for ex in b)
+            step_loss = 0.0
+            for batch in batches:
+                loss_sum, _ = forward_loss(tuned, batch, interventions)
+                scaled = loss_sum / max(1, total_tokens)
+                scaled.backward()
+                step_loss += float(scaled.detach())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
+            lr = _lr_at(step, len(plan), cfg.lr, cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            record = {
+                "key": str(step),
+                "step": step,
+                "epoch": epoch,
+                "loss": step_loss,
+                "lr": lr,
+                "tokens": total_tokens,
+            }
+            run.append("loss", [record])
+            bar.set_postfix(loss=f"{step_loss:.3f}", epoch=epoch)
+            bar.update(1)
+            completed = step + 1
+            interrupted = stop_after is not None and completed >= stop_after
+            if completed < len(plan) and (completed % cfg.checkpoint_every == 0 or interrupted):
+                _save_checkpoint(run.path, completed, named, optimizer)
+    last_loss = losses[-1] if losses else None
+    hf.eval()
+    steps_done = completed
+    if steps_done < len(plan):
+        run.step("train", "interrupted", steps=steps_done, total_steps=len(plan))
+        return FinetuneResult(
+            run.path, artifact, tuned, steps_done, last_loss, losses, stats, time.perf_counter() - started, start
+        )
+    seconds = time.perf_counter() - started
+    manifest = {
+        "format": _FORMAT,
+        "version": 1,
+        "kind": cfg.method,
+        "base_model": cfg.model,
+        "base_model_name": base.name,
+        "base_fingerprint": base_fp,
+        "num_layers": base.num_layers,
+        "hidden_size": base.hidden_size,
+        "dataset": str(cfg.dataset),
+        "dataset_sha256": config["dataset_sha256"],
+        "steer": {"vector": cfg.steer, "layer": layer, "coef": cfg.coef, "positions": cfg.positions}
+        if cfg.steer
+        else None,
+        "ablate": {"vector": cfg.ablate, "layer": layer, "positions": cfg.positions} if cfg.ablate else None,
+        "steps": steps_done,
+        "final_loss": last_loss,
+        "train_seconds": seconds,
+        "config": asdict(cfg),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _save_artifact(hf, base, artifact, manifest, cfg.method)
+    for old in _checkpoints(run.path):
+        shutil.rmtree(old)
+    info = {"steps": steps_done, "final_loss": last_loss, "seconds": seconds, "artifact": str(artifact)}
+    run.step("train", "done", **info)
+    return FinetuneResult(run.path, artifact, tuned, steps_done, last_loss, losses, stats, seconds, start, info)
+
+
+def _save_artifact(hf: Any, base: Model, target: Path, manifest: dict[str, Any], method: str) -> None:
+    tmp = target.parent / f".partial-{target.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if method == "lora":
+        hf.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        hf.save_pretrained(str(tmp), safe_serialization=True)
+        base.tokenizer.save_pretrained(str(tmp))
+    (tmp / FINETUNE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def total_steps(n_examples: int, cfg: FinetuneConfig) -> int:
+    """How many optimizer steps ``cfg`` takes on ``n_examples`` conversations."""
+    per_epoch = math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum)
+    return per_epoch * cfg.epochs
