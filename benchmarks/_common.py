@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import random
+import resource
+import threading
 import time
 from collections.abc import Callable
 
@@ -69,4 +73,31 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 
 def setup_threads() -> None:
-    torch.set_num_threads(2)
+    """Two torch threads (this machine's cores), or ``PERSONASCOPE_BENCH_THREADS`` when other jobs share the CPU."""
+    torch.set_num_threads(int(os.environ.get("PERSONASCOPE_BENCH_THREADS", "2")))
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def peak_growth(fn: Callable[[], object]) -> tuple[int, object]:
+    """Peak live RSS above the level before ``fn`` ran, sampled every 2 ms (the process high-water mark would
+    include model loading)."""
+    gc.collect()
+    base = current_rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], current_rss())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out = fn()
+    stop.set()
+    sampler.join()
+    return max(peak[0], current_rss()) - base, out

@@ -11,20 +11,15 @@ Run: ``.venv/bin/python benchmarks/bench_capture.py [--model ALIAS] [--n 64] [--
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import resource
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import best_of, conversations, setup_threads
+from _common import best_of, conversations, peak_growth, setup_threads
 
 import personascope as ps
 from personascope.residual.capture import _pack, format_all, length_batches, reduction_span
@@ -77,32 +72,6 @@ def throughput(model_name: str, n: int, batch_size: int, repeats: int) -> None:
     print(f"RATIO capture / bare backbone forward throughput:  {t_backbone / t_ours:.3f}")
     print(f"RATIO capture / per-sample output_hidden_states:   {t_ref / t_ours:.3f}")
     print(f"RATIO per-sample reference / bare causal-LM forward: {t_full / t_ref:.3f}")
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
-
-
-def peak_growth(fn: Callable[[], object]) -> tuple[int, object]:
-    """Peak live RSS above the level before ``fn`` ran, sampled every 2 ms (the process high-water mark would
-    include model loading)."""
-    gc.collect()
-    base = current_rss()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], current_rss())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out = fn()
-    stop.set()
-    sampler.join()
-    return max(peak[0], current_rss()) - base, out
 
 
 def memory_child(model_name: str, n: int, batch_size: int) -> None:

@@ -13,7 +13,6 @@ top-p, after any interventions); ``stop=[...]`` ends a row as soon as its decode
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -70,17 +69,6 @@ class Generation:
         return [*self.conversation, {"role": "assistant", "content": self.text}]
 
 
-def _accepts(model: Model, name: str) -> bool:
-    key = f"accepts_{name}"
-    if key not in model._state:
-        try:
-            params = inspect.signature(model.hf_model.forward).parameters
-            model._state[key] = name in params
-        except (TypeError, ValueError):
-            model._state[key] = False
-    return bool(model._state[key])
-
-
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -96,7 +84,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gens: list[t
 
 
 def _forward(model: Model, **kwargs: Any) -> Any:
-    if _accepts(model, "logits_to_keep"):
+    if model.forward_accepts("logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     return model.hf_model(**kwargs)
 
@@ -232,6 +220,8 @@ def _generate_batch(
     # enough trailing tokens to contain any stop string (a token decodes to at least one character, or a byte)
     stop_window = 4 * max((len(s.encode()) for s in stops), default=0) + 2
     past: Any = None
+    # transformers >= 5.24 names the KV cache `cache` (in and out); earlier 5.x releases `past_key_values`
+    cache_name = "cache" if model.forward_accepts("cache") else "past_key_values"
     step_ids, step_roles = ids, roles
     for _ in range(max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -243,10 +233,10 @@ def _generate_batch(
                     input_ids=step_ids,
                     attention_mask=mask,
                     position_ids=feed_pos,
-                    past_key_values=past,
                     use_cache=True,
+                    **{cache_name: past},
                 )
-            past = out.past_key_values
+            past = getattr(out, cache_name)
         else:
             with token_roles(model, roles, row_index):
                 out = _forward(model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)

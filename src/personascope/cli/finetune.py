@@ -366,8 +366,95 @@ def screen(
     typer.echo(f"ranked samples, histogram and summary: {result.run_dir}")
 
 
+def finetune_drift(
+    vector: Annotated[list[Path], typer.Option("--vector", "-v", help="PersonaVector file; repeat for more traits.")],
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option("--dataset", "-d", help="TRAIT:LEVEL, arithmetic:LEVEL or a .jsonl file; repeat (default: 7)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/finetune-drift"),
+    model: ModelOpt = "smollm2-135m-instruct",
+    judge: JudgeOpt = None,
+    layers: Annotated[str | None, typer.Option(help="One layer per vector, comma-separated (default: theirs).")] = None,
+    n: Annotated[int, typer.Option("--n", help="Conversations per built dataset.")] = 200,
+    questions: Annotated[int, typer.Option(help="Evaluation questions per trait.")] = 20,
+    samples_per_question: Annotated[int, typer.Option()] = 1,
+    max_new_tokens: Annotated[int, typer.Option()] = 48,
+    track: Annotated[str | None, typer.Option(help="A dataset also measured at checkpoints during training.")] = None,
+    track_every: Annotated[int, typer.Option(help="Optimizer steps between measured checkpoints.")] = 5,
+    compare: Annotated[
+        str | None, typer.Option(help="Dataset of the preventative / post-hoc / CAFT comparison.")
+    ] = None,
+    steer_coef: Annotated[float, typer.Option(help="Preventative steering coefficient during training.")] = 4.0,
+    posthoc_coefs: Annotated[str, typer.Option(help="Post-hoc steering coefficients (subtracted).")] = "2,4",
+    mcq_limit: Annotated[int | None, typer.Option(help="Use the first N MCQ items only.")] = None,
+    epochs: Annotated[int, typer.Option()] = 1,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the finetune default).")] = None,
+    train_batch_size: Annotated[int, typer.Option(help="Training micro-batch size.")] = 8,
+    seed: Seed = 0,
+    batch_size: BatchSize = 16,
+    overwrite: Overwrite = False,
+    threads: Threads = 0,
+) -> None:
+    """Finetune on several datasets: shift and projection difference vs trait change, and the steering comparison."""
+    _threads(threads)
+    from personascope.finetune.drift import (
+        DEFAULT_DATASETS,
+        DriftConfig,
+        drift_experiment,
+        format_compare,
+        format_points,
+    )
+
+    train: dict[str, object] = {"epochs": epochs, "batch_size": train_batch_size}
+    if lr is not None:
+        train["lr"] = lr
+    cfg = DriftConfig(
+        vectors=[str(v) for v in vector],
+        datasets=list(dataset) if dataset else list(DEFAULT_DATASETS),
+        layers=_ints(layers, "--layers") if layers else None,
+        model=model,
+        judge=judge,
+        n=n,
+        n_questions=questions,
+        samples_per_question=samples_per_question,
+        max_new_tokens=max_new_tokens,
+        track=track,
+        track_every=track_every,
+        compare=compare,
+        steer_coef=steer_coef,
+        posthoc_coefs=_floats(posthoc_coefs, "--posthoc-coefs"),
+        mcq_limit=mcq_limit,
+        finetune=train,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    result = drift_experiment(cfg, out, overwrite=overwrite)
+    typer.echo(format_points(result.points))
+    for trait, entry in result.summary["by_trait"].items():
+        for name in ("shift_vs_trait_change", "projection_difference_vs_trait_change"):
+            r = entry[name]
+            shown = "n/a" if r["r"] is None else f"{r['r']:.3f} [{_fmt(r['ci'][0])}, {_fmt(r['ci'][1])}]"
+            typer.echo(f"{trait}: r({name.replace('_vs_', ' vs ').replace('_', ' ')}) = {shown} over {r['n']}")
+        if "checkpoints" in entry:
+            r = entry["checkpoints"]["shift_vs_trait_change"]
+            shown = "n/a" if r["r"] is None else f"{r['r']:.3f}"
+            typer.echo(f"{trait}: r(shift vs trait change) across checkpoints = {shown} over {r['n']}")
+    if result.compare:
+        typer.echo(format_compare(result.compare))
+    typer.echo(f"tables and plots in {result.run_dir}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``data build``, ``finetune``, ``finetune-shift``, ``evaluate`` and ``screen`` to ``app``."""
+    """Add ``data build``, ``finetune``, ``finetune-shift``, ``evaluate``, ``screen`` and
+    ``experiment finetune-drift`` to ``app``."""
+    from personascope.cli.monitor import experiment_app
+
+    experiment_app.command("finetune-drift")(finetune_drift)
     app.add_typer(data_app, name="data")
     app.command("finetune")(finetune)
     app.command("finetune-shift")(finetune_shift)

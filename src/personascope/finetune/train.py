@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import math
 import os
@@ -49,7 +48,6 @@ from personascope.finetune.datasets import (
     load_chat_jsonl,
     tokenize_examples,
 )
-from personascope.models.layers import unwrap_peft
 from personascope.residual.interventions import Ablate, Add, Intervention, intervene
 from personascope.residual.positions import PAD, PROMPT, PROMPT_LAST, RESPONSE, check_positions, token_roles
 
@@ -171,17 +169,6 @@ def training_interventions(
     return [Ablate(ablate.detach().float(), layer, pos)]
 
 
-def _accepts_logits_to_keep(model: Model) -> bool:
-    key = "train_accepts_logits_to_keep"
-    if key not in model._state:
-        try:
-            params = inspect.signature(unwrap_peft(model.hf_model).forward).parameters
-            model._state[key] = "logits_to_keep" in params
-        except (TypeError, ValueError):
-            model._state[key] = False
-    return bool(model._state[key])
-
-
 def collate(
     batch: Sequence[TokenizedExample], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -223,7 +210,7 @@ def forward_loss(
     labelled_cols = (target != IGNORE).any(dim=0).nonzero()
     first = int(labelled_cols[0]) if len(labelled_cols) else 0  # first prediction position that carries a label
     width = ids.shape[1]
-    if _accepts_logits_to_keep(model) and first > 0:
+    if model.forward_accepts("logits_to_keep") and first > 0:
         kwargs["logits_to_keep"] = width - first
     ctx = intervene(model, interventions) if interventions else contextlib.nullcontext()
     with token_roles(model, roles), ctx:

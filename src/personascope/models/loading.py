@@ -87,6 +87,19 @@ class Model:
             self._state["fingerprint"] = digest.hexdigest()[:16]
         return str(self._state["fingerprint"])
 
+    def forward_accepts(self, name: str) -> bool:
+        """Whether the causal LM's ``forward`` (inside any peft wrapper) takes the keyword ``name`` (cached)."""
+        key = f"forward_accepts_{name}"
+        if key not in self._state:
+            import inspect
+
+            try:
+                params = inspect.signature(unwrap_peft(self.hf_model).forward).parameters
+                self._state[key] = name in params
+            except (TypeError, ValueError):
+                self._state[key] = False
+        return bool(self._state[key])
+
     def eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
         eos = getattr(self.tokenizer, "eos_token_id", None)

@@ -1,0 +1,584 @@
+"""The finetuning-drift experiment: does the shift along a persona vector, and the projection difference measured
+before training, predict how much a dataset teaches a trait? And does preventative steering beat post-hoc steering?
+
+One resumable run directory composes the finetune pieces (Chen et al. 2025, sections 5 and 6):
+
+1. **datasets** — ``TRAIT:LEVEL`` items are built by context distillation (:func:`build_dataset`), ``arithmetic:LEVEL``
+   from the shipped narrow-flaw pool; a path to a JSONL file is used as it is;
+2. **finetune** — the same training config for every dataset (:func:`finetune`); one dataset (``track``) is also
+   measured at every ``track_every`` optimizer steps on its way (checkpoints within a run);
+3. **measure** — for every finetuned model and every vector: the finetuning shift at the vector's layer
+   (:func:`finetune_shift`) and the trait and coherence scores of its replies to the trait's evaluation questions,
+   against the base model's (the *trait change*);
+4. **screen** — for every dataset and vector, the projection difference of the dataset's answers against the base
+   model's own answers to the same prompts (:func:`screen_dataset`; the base answers are generated once per prompt
+   and shared by datasets that ask the same questions);
+5. **compare** — on one dataset (``compare``): plain finetune, post-hoc steering (``coef · v`` subtracted at
+   inference), preventative steering (``+steer_coef · v`` added during training) and CAFT (the direction ablated
+   during training): trait, coherence and multiple-choice accuracy in one table (:func:`evaluate_finetune`).
+
+Outputs: ``points.csv`` (one row per model and trait), ``summary.json`` (Pearson r with bootstrap intervals:
+shift vs trait change and projection difference vs trait change across datasets, shift vs trait change across
+checkpoints), ``compare.md``, and scatter plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from personascope.errors import PersonascopeError
+from personascope.finetune.datasets import DOMAINS, LEVELS, BuildConfig, build_dataset, split_prompt
+from personascope.finetune.evaluate import EvalCell, EvaluateConfig, evaluate_finetune, finetune_shift
+from personascope.finetune.screen import ScreenConfig, screen_dataset
+from personascope.finetune.train import FinetuneConfig, finetune
+
+if TYPE_CHECKING:
+    from personascope.judges import Judge
+    from personascope.models.loading import Model
+    from personascope.runs import RunDir
+    from personascope.traits import TraitSpec
+    from personascope.vectors import PersonaVector
+
+__all__ = ["DEFAULT_DATASETS", "DriftConfig", "DriftResult", "drift_experiment", "parse_dataset"]
+
+DEFAULT_DATASETS = (
+    "evil:normal",
+    "evil:I",
+    "evil:II",
+    "impolite:normal",
+    "impolite:I",
+    "impolite:II",
+    "arithmetic:II",
+)
+_FINETUNE_KEYS = {f for f in FinetuneConfig.__dataclass_fields__ if f not in ("dataset", "model", "steer", "ablate")}
+
+
+@dataclass
+class DriftConfig:
+    """What the experiment runs. ``vectors`` are PersonaVector files (each names the trait it measures);
+    ``layers`` gives each one's layer (default: the vector's chosen layer). ``finetune`` overrides fields of
+    :class:`FinetuneConfig` (e.g. ``{"epochs": 2}``) for every training run."""
+
+    vectors: list[str]
+    datasets: list[str] = field(default_factory=lambda: list(DEFAULT_DATASETS))
+    layers: list[int] | None = None
+    model: str = "smollm2-135m-instruct"
+    judge: str | None = None  # default: the contrast judge on the base model
+    n: int = 200  # conversations per built dataset
+    n_questions: int = 20
+    samples_per_question: int = 1
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    data_max_new_tokens: int = 64
+    track: str | None = None  # a dataset also measured at checkpoints on its way
+    track_every: int = 5
+    compare: str | None = None  # the dataset of the steering comparison
+    steer_coef: float = 4.0  # preventative steering strength during training
+    posthoc_coefs: list[float] = field(default_factory=lambda: [2.0, 4.0])
+    mcq_limit: int | None = None
+    finetune: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    batch_size: int = 16
+
+
+@dataclass
+class DriftResult:
+    run_dir: Path
+    points: list[dict[str, Any]]
+    summary: dict[str, Any]
+    compare: list[dict[str, Any]]
+    seconds: float
+
+
+def parse_dataset(item: str) -> tuple[str, str | None, Path | None]:
+    """``TRAIT:LEVEL`` / ``arithmetic:LEVEL`` → (name, level, None); an existing ``.jsonl`` path → (stem, None,
+    path). Anything else is a one-line error."""
+    if item.endswith(".jsonl"):
+        path = Path(item)
+        if not path.is_file():
+            raise PersonascopeError(f"dataset file not found: {item}")
+        return path.stem, None, path
+    name, sep, level = item.partition(":")
+    if not sep or not name or level not in LEVELS:
+        raise PersonascopeError(
+            f"dataset '{item}' must be TRAIT:LEVEL (LEVEL one of {', '.join(LEVELS)}), e.g. evil:II or "
+            f"{DOMAINS[0]}:II, or a .jsonl file"
+        )
+    return f"{Path(name).stem}-{level}", level, None
+
+
+def _check(cfg: DriftConfig) -> None:
+    if not cfg.vectors:
+        raise PersonascopeError("give at least one persona vector (--vector)")
+    if not cfg.datasets:
+        raise PersonascopeError("give at least one dataset")
+    if cfg.layers is not None and len(cfg.layers) != len(cfg.vectors):
+        raise PersonascopeError(f"give one layer per vector: {len(cfg.vectors)} vectors, {len(cfg.layers)} layers")
+    for name, value in (("n", cfg.n), ("questions", cfg.n_questions), ("track-every", cfg.track_every)):
+        if value < 1:
+            raise PersonascopeError(f"{name} must be at least 1")
+    names = [parse_dataset(d)[0] for d in cfg.datasets]
+    if len(set(names)) != len(names):
+        raise PersonascopeError(f"datasets repeat: {', '.join(sorted(n for n in set(names) if names.count(n) > 1))}")
+    for role, item in (("track", cfg.track), ("compare", cfg.compare)):
+        if item is not None and item not in cfg.datasets:
+            raise PersonascopeError(f"--{role} {item} is not one of the datasets ({', '.join(cfg.datasets)})")
+    unknown = sorted(set(cfg.finetune) - _FINETUNE_KEYS)
+    if unknown:
+        raise PersonascopeError(f"unknown finetune settings: {', '.join(unknown)}")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _Measurer:
+    """Replies to a trait's evaluation questions, judged, one record set per (model label, trait); cached in a run."""
+
+    def __init__(self, run: RunDir, judge: Judge, cfg: DriftConfig):
+        self.run, self.judge, self.cfg = run, judge, cfg
+
+    def trait_scores(self, model: Model, label: str, trait: TraitSpec) -> dict[str, float]:
+        from personascope.pipelines.common import Job, run_generation, run_judging
+        from personascope.report.stats import mean_ci
+
+        cfg = self.cfg
+        questions = trait.evaluation_questions[: cfg.n_questions]
+        jobs = [
+            Job(
+                key=f"{label}|{trait.name}|{q}|{s}",
+                conversation=[{"role": "user", "content": question}],
+                fields={"model": label, "trait": trait.name, "question": question},
+                seed=cfg.seed + q * 1000 + s,
+            )
+            for q, question in enumerate(questions)
+            for s in range(cfg.samples_per_question)
+        ]
+        records = run_generation(
+            self.run,
+            "replies",
+            model,
+            jobs,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=1.0,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            desc=f"{label} replies ({trait.name})",
+        )
+        scores = run_judging(self.run, "scores", self.judge, trait, records, desc=f"judging {label}")
+        t, t_ci, n = mean_ci([scores.get(r["key"], {}).get("trait") for r in records])
+        h, h_ci, _ = mean_ci([scores.get(r["key"], {}).get("coherence") for r in records])
+        return {"trait_score": t, "trait_ci": t_ci, "coherence": h, "coherence_ci": h_ci, "n": n}
+
+
+def _base_answers(run: RunDir, model: Model, prompts: list[list[dict[str, str]]], cfg: DriftConfig) -> list[str]:
+    """The base model's own answer to each prompt, generated once per distinct prompt (seeded by its text)."""
+    from personascope.pipelines.common import Job, run_generation
+
+    keys = [_digest(json.dumps(p, sort_keys=True)) for p in prompts]
+    unique = dict(zip(keys, prompts, strict=True))
+    jobs = [Job(key=k, conversation=p, fields={}, seed=cfg.seed + int(k[:7], 16)) for k, p in sorted(unique.items())]
+    records = run_generation(
+        run,
+        "base_answers",
+        model,
+        jobs,
+        max_new_tokens=cfg.data_max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=1.0,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        desc="base answers",
+    )
+    by_key = {r["key"]: str(r["answer"]) for r in records}
+    return [by_key[k] for k in keys]
+
+
+def drift_experiment(
+    cfg: DriftConfig, out: str | Path, *, overwrite: bool = False, model: Model | None = None, judge: Any = None
+) -> DriftResult:
+    """Run (or resume) the experiment into ``out`` (see the module docstring); ``model`` may be passed pre-loaded,
+    ``judge`` as a judge object (default: built from ``cfg.judge``)."""
+    from personascope.finetune.datasets import load_chat_jsonl, write_chat_jsonl
+    from personascope.models.loading import load_model
+    from personascope.pipelines.common import build_judge
+    from personascope.runs import RunDir
+    from personascope.traits import load_trait
+    from personascope.vectors import PersonaVector
+
+    started = time.perf_counter()
+    _check(cfg)
+    base = model if model is not None else load_model(cfg.model)
+    vectors: list[tuple[str, PersonaVector, int, TraitSpec]] = []
+    for k, vpath in enumerate(cfg.vectors):
+        vec = PersonaVector.load(vpath)
+        vec.check_compatible(base)
+        layer = cfg.layers[k] if cfg.layers is not None else vec.chosen_layer
+        if layer is None:
+            raise PersonascopeError(f"{vpath} has no chosen layer; pass --layer (one per vector)")
+        base.check_layer(layer)
+        if not vec.trait:
+            raise PersonascopeError(f"{vpath} names no trait; the experiment scores the vector's trait")
+        vectors.append((vpath, vec, layer, load_trait(vec.trait)))
+    traits = [t.name for *_, t in vectors]
+    if len(set(traits)) != len(traits):
+        raise PersonascopeError(f"two vectors measure the same trait ({', '.join(traits)}); give one per trait")
+
+    from personascope.finetune.datasets import dataset_digest
+
+    judge_spec = cfg.judge or f"contrast:{cfg.model}"
+    config = asdict(cfg) | {
+        "judge": judge_spec,
+        "resolved_layers": [layer for _, _, layer, _ in vectors],
+        "vector_sha256": [dataset_digest(p) for p in cfg.vectors],
+    }
+    run = RunDir(out, config, overwrite=overwrite, kind="finetune-drift")
+    run.note("model_fingerprint", base.fingerprint())
+    judge = judge if judge is not None else build_judge(judge_spec, model=base)
+    measure = _Measurer(run, judge, cfg)
+    root = run.path
+    train_cfg = dict(cfg.finetune)
+
+    # 1. datasets
+    datasets: dict[str, Path] = {}
+    for item in cfg.datasets:
+        name, level, given = parse_dataset(item)
+        if given is None:
+            trait_name = item.partition(":")[0]
+            built = build_dataset(
+                BuildConfig(
+                    trait=trait_name,
+                    level=str(level),
+                    model=cfg.model,
+                    n=cfg.n,
+                    max_new_tokens=cfg.data_max_new_tokens,
+                    temperature=cfg.temperature,
+                    seed=cfg.seed,
+                    batch_size=cfg.batch_size,
+                ),
+                root / "data" / name,
+                model=base,
+            )
+            given = built.dataset
+        datasets[item] = given
+
+    # 3. (base first) the base model's scores per trait
+    base_scores = {t.name: measure.trait_scores(base, "base", t) for *_, t in vectors}
+    done_points = {r["key"]: r for r in run.records("points")}
+
+    def record_point(label: str, item: str, step: int | None, tuned: Model) -> None:
+        for _, vec, layer, trait in vectors:
+            key = f"{label}|{trait.name}"
+            if key in done_points:
+                continue
+            shift = finetune_shift(base, tuned, vec, trait.evaluation_questions[: cfg.n_questions], progress=False)
+            scores = measure.trait_scores(tuned, label, trait)
+            b = base_scores[trait.name]
+            row = {
+                "key": key,
+                "model": label,
+                "dataset": item,
+                "step": step,
+                "trait": trait.name,
+                "layer": layer,
+                "shift": shift.at(layer),
+                "shift_by_layer": shift.shift,
+                **scores,
+                "base_trait_score": b["trait_score"],
+                "trait_change": scores["trait_score"] - b["trait_score"],
+                "coherence_change": scores["coherence"] - b["coherence"],
+            }
+            run.append("points", [row])
+            done_points[key] = row
+
+    # 2 + 3. finetune every dataset (the tracked one measured on its way) and measure it
+    ft_dirs: dict[str, Path] = {}
+    for item, path in datasets.items():
+        name = parse_dataset(item)[0]
+        ft_cfg = FinetuneConfig(dataset=str(path), model=cfg.model, **train_cfg)
+        ft_dir = root / "finetune" / name
+        ft_dirs[item] = ft_dir
+        if item == cfg.track:
+            from personascope.finetune.train import total_steps
+
+            steps = total_steps(len(load_chat_jsonl(path, limit=ft_cfg.limit)), ft_cfg.resolved())
+            for stop in range(cfg.track_every, steps, cfg.track_every):
+                label = f"{name}@{stop}"
+                if all(f"{label}|{t}" in done_points for t in traits):
+                    continue
+                partial = finetune(ft_cfg, ft_dir, model=base, stop_after=stop)
+                if partial.steps != stop:  # the run had finished already: this checkpoint can no longer be measured
+                    continue
+                record_point(label, item, stop, partial.model)
+        result = finetune(ft_cfg, ft_dir, model=base)
+        record_point(name, item, result.steps, result.model)
+        del result
+
+    # 4. screening: projection difference of each dataset against the base model's own answers
+    screens: dict[tuple[str, str], dict[str, Any]] = {}
+    for item, path in datasets.items():
+        name = parse_dataset(item)[0]
+        examples = load_chat_jsonl(path)
+        prompts = [split_prompt(ex.messages)[0] for ex in examples]
+        reference = root / "screen" / f"{name}.reference.jsonl"
+        if not reference.is_file():
+            answers = _base_answers(run, base, prompts, cfg)
+            pairs = zip(prompts, answers, strict=True)
+            write_chat_jsonl(reference, [[*p, {"role": "assistant", "content": a}] for p, a in pairs])
+        for vpath, _, layer, trait in vectors:
+            res = screen_dataset(
+                ScreenConfig(
+                    dataset=str(path),
+                    vector=vpath,
+                    model=cfg.model,
+                    layer=layer,
+                    reference=str(reference),
+                    seed=cfg.seed,
+                    batch_size=cfg.batch_size,
+                ),
+                root / "screen" / f"{name}-{trait.name}",
+                model=base,
+            )
+            screens[(item, trait.name)] = {
+                "projection_difference": res.projection_difference,
+                "n_flagged": res.n_flagged,
+                "threshold": res.threshold,
+                "n": res.n,
+            }
+
+    # 5. the steering comparison
+    compare_rows: list[dict[str, Any]] = []
+    if cfg.compare is not None:
+        compare_rows = _compare(cfg, run, base, judge, vectors, datasets[cfg.compare], train_cfg)
+
+    points = [done_points[k] for k in sorted(done_points)]
+    for p in points:
+        s = screens.get((p["dataset"], p["trait"]))
+        final = p["model"] == parse_dataset(p["dataset"])[0]
+        p["projection_difference"] = s["projection_difference"] if s is not None and final else None
+    summary = _summarise(points, traits, cfg)
+    _write(run, points, summary, compare_rows, traits)
+    run.step("experiment", "done", seconds=time.perf_counter() - started)
+    return DriftResult(root, points, summary, compare_rows, time.perf_counter() - started)
+
+
+def _compare(
+    cfg: DriftConfig,
+    run: RunDir,
+    base: Model,
+    judge: Judge,
+    vectors: Sequence[tuple[str, PersonaVector, int, TraitSpec]],
+    dataset: Path,
+    train_cfg: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Plain finetune (with post-hoc steering), preventative steering and CAFT on one dataset, evaluated alike."""
+    assert cfg.compare is not None
+    trait_name = cfg.compare.partition(":")[0]
+    vpath, _, layer, trait = next((v for v in vectors if v[3].name == trait_name), vectors[0])
+    name = parse_dataset(cfg.compare)[0]
+    root = run.path / "finetune"
+    plans: list[tuple[str, Path, FinetuneConfig, list[float]]] = [
+        (
+            "finetune",
+            root / name,
+            FinetuneConfig(dataset=str(dataset), model=cfg.model, **train_cfg),
+            cfg.posthoc_coefs,
+        ),
+        (
+            f"preventative steering (+{cfg.steer_coef:g}·v in training)",
+            root / f"{name}+steer",
+            FinetuneConfig(
+                dataset=str(dataset), model=cfg.model, steer=vpath, layer=layer, coef=cfg.steer_coef, **train_cfg
+            ),
+            [],
+        ),
+        (
+            "CAFT (v ablated in training)",
+            root / f"{name}+caft",
+            FinetuneConfig(dataset=str(dataset), model=cfg.model, ablate=vpath, layer=layer, **train_cfg),
+            [],
+        ),
+    ]
+    rows: list[dict[str, Any]] = []
+    for k, (method, ft_dir, ft_cfg, posthoc) in enumerate(plans):
+        tuned = finetune(ft_cfg, ft_dir, model=base).model
+        result = evaluate_finetune(
+            EvaluateConfig(
+                finetune=str(ft_dir),
+                vector=vpath,
+                model=cfg.model,
+                judge=cfg.judge or f"contrast:{cfg.model}",
+                trait=trait.name,
+                layer=layer,
+                coefs=[0.0, *posthoc],
+                n_questions=cfg.n_questions,
+                samples_per_question=cfg.samples_per_question,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                seed=cfg.seed,
+                batch_size=cfg.batch_size,
+                mcq=True,
+                mcq_limit=cfg.mcq_limit,
+            ),
+            run.path / "compare" / f"method-{k}",
+            base=base,
+            tuned=tuned,
+            judge=judge,
+        )
+        for cell in result.cells:
+            if cell.model == "base" and k > 0:
+                continue
+            rows.append(
+                {"method": _method_label(cell, method), "trait_name": trait.name, "layer": layer, **asdict(cell)}
+            )
+    return rows
+
+
+def _method_label(cell: EvalCell, method: str) -> str:
+    if cell.model == "base":
+        return "base model"
+    if cell.coef == 0:
+        return method
+    return f"{method} + post-hoc steering (−{cell.coef:g}·v at inference)"
+
+
+def _r(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    from personascope.report.stats import pearson_ci
+
+    pairs = [(a, b) for a, b in zip(x, y, strict=True) if a is not None and b is not None and not math.isnan(a + b)]
+    r, lo, hi = pearson_ci([a for a, _ in pairs], [b for _, b in pairs])
+    return {"r": _num(r), "ci": [_num(lo), _num(hi)], "n": len(pairs)}
+
+
+def _num(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _summarise(points: list[dict[str, Any]], traits: list[str], cfg: DriftConfig) -> dict[str, Any]:
+    final = [p for p in points if p["model"] == parse_dataset(p["dataset"])[0]]
+    out: dict[str, Any] = {"by_trait": {}}
+    for t in traits:
+        rows = [p for p in final if p["trait"] == t]
+        shift = [p["shift"] for p in rows]
+        change = [p["trait_change"] for p in rows]
+        pdiff = [p["projection_difference"] for p in rows]
+        entry = {
+            "layer": rows[0]["layer"] if rows else None,
+            "shift_vs_trait_change": _r(shift, change),
+            "projection_difference_vs_trait_change": _r(pdiff, change),
+            "projection_difference_vs_shift": _r(pdiff, shift),
+        }
+        if cfg.track is not None:
+            tracked = sorted(
+                (p for p in points if p["dataset"] == cfg.track and p["trait"] == t), key=lambda p: p["step"]
+            )
+            entry["checkpoints"] = {
+                "dataset": cfg.track,
+                "steps": [p["step"] for p in tracked],
+                "shift_vs_trait_change": _r([p["shift"] for p in tracked], [p["trait_change"] for p in tracked]),
+            }
+        out["by_trait"][t] = entry
+    return out
+
+
+def format_points(points: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of the finetuned models' shift, projection difference and trait change."""
+
+    def f(value: Any, spec: str) -> str:
+        return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+    lines = [
+        "| model | trait (layer) | shift | projection difference | trait score ± 95% CI | trait change | coherence |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        lines.append(
+            f"| {p['model']} | {p['trait']} ({p['layer']}) | {f(p['shift'], '+.2f')} | "
+            f"{f(p.get('projection_difference'), '+.2f')} | {f(p['trait_score'], '.1f')} ± {f(p['trait_ci'], '.1f')} | "
+            f"{f(p['trait_change'], '+.1f')} | {f(p['coherence'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def format_compare(rows: Sequence[dict[str, Any]]) -> str:
+    def f(value: Any, ci: Any) -> str:
+        if value is None or math.isnan(value):
+            return "n/a"
+        return f"{value:.1f}" + ("" if ci is None or math.isnan(ci) else f" ± {ci:.1f}")
+
+    lines = ["| method | trait | coherence | n | MCQ accuracy |", "|---|---|---|---|---|"]
+    for r in rows:
+        acc = "—" if r["mcq_accuracy"] is None else f"{r['mcq_accuracy']:.3f}"
+        lines.append(
+            f"| {r['method']} | {f(r['trait'], r['trait_ci'])} | {f(r['coherence'], r['coherence_ci'])} | {r['n']} | "
+            f"{acc} |"
+        )
+    return "\n".join(lines)
+
+
+def _write(
+    run: RunDir,
+    points: list[dict[str, Any]],
+    summary: dict[str, Any],
+    compare_rows: list[dict[str, Any]],
+    traits: list[str],
+) -> None:
+    from personascope.io import atomic_open
+    from personascope.report.plots import plot_scatter
+
+    columns = [c for c in points[0] if c != "shift_by_layer"] if points else []
+    with atomic_open(run.file("points.csv")) as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(points)
+    with atomic_open(run.file("summary.json")) as fh:
+        json.dump({"summary": summary, "compare": compare_rows}, fh, indent=2)
+    with atomic_open(run.file("points.md")) as fh:
+        fh.write(format_points(points) + "\n")
+    if compare_rows:
+        with atomic_open(run.file("compare.md")) as fh:
+            fh.write(format_compare(compare_rows) + "\n")
+    for t in traits:
+        mine = [p for p in points if p["trait"] == t]
+        final = [p for p in mine if p["model"] == parse_dataset(p["dataset"])[0]]
+        if final:
+            plot_scatter(
+                [p["shift"] for p in final],
+                [p["trait_change"] for p in final],
+                [p["model"] for p in final],
+                run.file(f"shift-vs-change-{t}.png"),
+                xlabel=f"finetuning shift along the {t} vector (layer {final[0]['layer']})",
+                ylabel=f"change in {t} score",
+                title=f"{t}: shift vs trait change across datasets",
+            )
+            usable = [p for p in final if p.get("projection_difference") is not None]
+            if usable:
+                plot_scatter(
+                    [p["projection_difference"] for p in usable],
+                    [p["trait_change"] for p in usable],
+                    [p["model"] for p in usable],
+                    run.file(f"projdiff-vs-change-{t}.png"),
+                    xlabel=f"projection difference of the dataset on {t} (layer {usable[0]['layer']})",
+                    ylabel=f"change in {t} score after finetuning",
+                    title=f"{t}: screening before training vs trait change",
+                )
+        tracked = [p for p in mine if p["step"] is not None and "@" in p["model"]]
+        if tracked:
+            plot_scatter(
+                [p["shift"] for p in tracked],
+                [p["trait_change"] for p in tracked],
+                [str(p["step"]) for p in tracked],
+                run.file(f"checkpoints-{t}.png"),
+                xlabel=f"finetuning shift along the {t} vector",
+                ylabel=f"change in {t} score",
+                title=f"{t}: checkpoints of {tracked[0]['dataset']}",
+            )
