@@ -363,8 +363,7 @@ def drift_experiment(
     points = [done_points[k] for k in sorted(done_points)]
     for p in points:
         s = screens.get((p["dataset"], p["trait"]))
-        final = p["model"] == parse_dataset(p["dataset"])[0]
-        p["projection_difference"] = s["projection_difference"] if s is not None and final else None
+        p["projection_difference"] = s["projection_difference"] if s is not None and _is_final(p) else None
     summary = _summarise(points, traits, cfg)
     _write(run, points, summary, compare_rows, traits)
     run.step("experiment", "done", seconds=time.perf_counter() - started)
@@ -451,6 +450,11 @@ def _method_label(cell: EvalCell, method: str) -> str:
     return f"{method} + post-hoc steering (−{cell.coef:g}·v at inference)"
 
 
+def _is_final(point: dict[str, Any]) -> bool:
+    """Whether a point measures a finished finetune (not a checkpoint on the way)."""
+    return "@" not in str(point["model"])  # checkpoints are labelled NAME@STEP
+
+
 def _r(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     from personascope.report.stats import pearson_ci
 
@@ -464,7 +468,7 @@ def _num(value: float) -> float | None:
 
 
 def _summarise(points: list[dict[str, Any]], traits: list[str], cfg: DriftConfig) -> dict[str, Any]:
-    final = [p for p in points if p["model"] == parse_dataset(p["dataset"])[0]]
+    final = [p for p in points if _is_final(p)]
     out: dict[str, Any] = {"by_trait": {}}
     for t in traits:
         rows = [p for p in final if p["trait"] == t]
@@ -549,7 +553,7 @@ def _write(
             fh.write(format_compare(compare_rows) + "\n")
     for t in traits:
         mine = [p for p in points if p["trait"] == t]
-        final = [p for p in mine if p["model"] == parse_dataset(p["dataset"])[0]]
+        final = [p for p in mine if _is_final(p)]
         if final:
             plot_scatter(
                 [p["shift"] for p in final],
@@ -571,7 +575,7 @@ def _write(
                     ylabel=f"change in {t} score after finetuning",
                     title=f"{t}: screening before training vs trait change",
                 )
-        tracked = [p for p in mine if p["step"] is not None and "@" in p["model"]]
+        tracked = [p for p in mine if not _is_final(p)]
         if tracked:
             plot_scatter(
                 [p["shift"] for p in tracked],
