@@ -14,6 +14,8 @@ from personascope.models.loading import Model
 from personascope.testing import tiny_model
 from personascope.traits import load_trait
 from personascope.vectors import PersonaVector
+from tests.cli.helpers import one_line_error, save_tiny
+from tests.cli.helpers import run as run_cli
 from tests.finetune.helpers import LengthJudge, write_dataset
 
 
@@ -107,3 +109,18 @@ def test_bad_experiment_configs(tmp_path: Path, model: Model, vector: Path) -> N
         with pytest.raises(PersonascopeError, match=message):
             drift_experiment(cfg, tmp_path / "x", model=model, judge=LengthJudge())
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_finetune_drift(tmp_path: Path, vector: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = save_tiny(tmp_path / "model")
+    data = write_dataset(tmp_path / "plain.jsonl", 4)
+    out = tmp_path / "run"
+    argv = ["experiment", "finetune-drift", "-v", str(vector), "-m", str(model_dir), "-o", str(out)]
+    small = ["--n", "4", "--questions", "2", "--max-new-tokens", "4", "--train-batch-size", "2", "--threads", "1"]
+    code = run_cli([*argv, "-d", "arithmetic:II", "-d", str(data), *small])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "| arithmetic-II | evil (2) |" in captured.out and "r(shift vs trait change)" in captured.out
+    assert (out / "points.csv").is_file()
+    one_line_error(capsys, run_cli([*argv, "-d", "evil:III", *small]), "TRAIT:LEVEL")
+    one_line_error(capsys, run_cli([*argv, "-d", "evil:II", "--track", "evil:I", *small]), "not one of the datasets")
