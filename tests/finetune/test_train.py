@@ -175,6 +175,11 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path: Path, m
     a = load_file(str(straight.artifact / "adapter_model.safetensors"))
     b = load_file(str(resumed.artifact / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the recorded training time runs on across the resume: it never restarts from zero
+    seconds = [json.loads(line)["seconds"] for line in (tmp_path / "b" / "loss.jsonl").read_text().splitlines()]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    manifest = read_finetune_manifest(tmp_path / "b")
+    assert manifest["train_seconds"] >= seconds[-1] > seconds[2]
 
 
 def test_full_finetune(tmp_path: Path, model: Model) -> None:

@@ -13,7 +13,8 @@ vector while training") or ``[Ablate(v[L], L)]`` (CAFT: project the direction ou
 Run directory layout::
 
     manifest.json            config (dataset and vector digests, base fingerprint), step status
-    loss.jsonl               one record per optimizer step: loss, learning rate, labelled tokens
+    loss.jsonl               one record per optimizer step: loss, learning rate, labelled tokens, training seconds
+                             so far (summed over resumed calls; the manifest's train_seconds is the total)
     checkpoints/step-NNNNNN  the latest checkpoint: trainable weights and optimizer state (safetensors + JSON)
     adapter/                 LoRA: peft's adapter (safetensors) + personascope.json (base fingerprint, config)
     model/                   full finetune: the whole model and tokenizer (safetensors) + personascope.json
@@ -541,9 +542,11 @@ def finetune(
     start = _restore_checkpoint(run.path, named, optimizer)
     run.step("train", "running", total_steps=len(plan), resumed_from=start)
     hf.train()
-    losses = [
-        float(r["loss"]) for r in sorted(run.records("loss"), key=lambda r: int(r["step"])) if int(r["step"]) < start
-    ]
+    earlier = [r for r in sorted(run.records("loss"), key=lambda r: int(r["step"])) if int(r["step"]) < start]
+    losses = [float(r["loss"]) for r in earlier]
+    # training time summed over every call that worked on this run (a resumed run counts its earlier part too)
+    prior_seconds = float(earlier[-1].get("seconds", 0.0)) if earlier else 0.0
+    loop_started = time.perf_counter()
     completed = start
     with tqdm(total=len(plan), initial=start, desc="finetune", unit="step", disable=not progress) as bar:
         for step in range(start, len(plan)):
@@ -574,6 +577,7 @@ def finetune(
                 "loss": step_loss,
                 "lr": lr,
                 "tokens": total_tokens,
+                "seconds": prior_seconds + time.perf_counter() - loop_started,
             }
             run.append("loss", [record])
             bar.set_postfix(loss=f"{step_loss:.3f}", epoch=epoch)
@@ -591,6 +595,7 @@ def finetune(
             run.path, artifact, tuned, steps_done, last_loss, losses, stats, time.perf_counter() - started, start
         )
     seconds = time.perf_counter() - started
+    train_seconds = prior_seconds + time.perf_counter() - loop_started
     manifest = {
         "format": _FORMAT,
         "version": 1,
@@ -608,7 +613,7 @@ def finetune(
         "ablate": {"vector": cfg.ablate, "layer": layer, "positions": cfg.positions} if cfg.ablate else None,
         "steps": steps_done,
         "final_loss": last_loss,
-        "train_seconds": seconds,
+        "train_seconds": train_seconds,
         "config": asdict(cfg),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
