@@ -11,15 +11,25 @@ from pathlib import Path
 from typing import IO, Any
 
 from personascope.errors import PersonascopeError
-from personascope.models.chat import validate_conversation
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The file ends up with the permissions a plain ``open(path, "w")`` would give it (``0o666`` less the umask), not
+    the owner-only mode of a temporary file.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         yield Path(tmp)
@@ -58,6 +68,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
 
 def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
     """Conversations from JSONL: each line ``{"messages": [...]}`` or a bare list of messages."""
+    from personascope.models.chat import validate_conversation  # here, so that io itself imports no other room
+
     out = []
     for number, obj in read_jsonl(path):
         messages = obj.get("messages") if isinstance(obj, dict) else obj

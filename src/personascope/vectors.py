@@ -8,8 +8,6 @@ norm) and the metadata as JSON in the safetensors header. No pickle anywhere.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from personascope.errors import PersonascopeError
+from personascope.io import atomic_path
 
 if TYPE_CHECKING:
     from personascope.models.loading import Model
@@ -96,14 +95,8 @@ class PersonaVector:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         meta = {_META_KEY: json.dumps({"format_version": FORMAT_VERSION, **self.metadata}, sort_keys=True)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            save_file({"directions": self.directions}, tmp, metadata=meta)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(target) as tmp:
+            save_file({"directions": self.directions}, str(tmp), metadata=meta)
         return target
 
     @classmethod

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import string
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -31,6 +30,7 @@ from typing import Any
 import yaml
 
 from personascope.errors import PersonascopeError
+from personascope.io import atomic_open
 
 __all__ = [
     "LADDER_LENGTH",
@@ -183,14 +183,8 @@ class TraitSpec:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(target) as fh:
+            fh.write(text)
         return target
 
     # ------------------------------------------------------------------ use
