@@ -529,6 +529,13 @@ def format_compare(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _r_text(summary: dict[str, Any], trait: str, name: str) -> str:
+    r = summary["by_trait"][trait][name]
+    if name == "checkpoints":
+        r = r["shift_vs_trait_change"]
+    return "r n/a" if r["r"] is None else f"r = {r['r']:.2f}, n = {r['n']}"
+
+
 def _write(
     run: RunDir,
     points: list[dict[str, Any]],
@@ -562,7 +569,7 @@ def _write(
                 run.file(f"shift-vs-change-{t}.png"),
                 xlabel=f"finetuning shift along the {t} vector (layer {final[0]['layer']})",
                 ylabel=f"change in {t} score",
-                title=f"{t}: shift vs trait change across datasets",
+                title=f"{t}: shift vs trait change across datasets ({_r_text(summary, t, 'shift_vs_trait_change')})",
             )
             usable = [p for p in final if p.get("projection_difference") is not None]
             if usable:
@@ -573,7 +580,8 @@ def _write(
                     run.file(f"projdiff-vs-change-{t}.png"),
                     xlabel=f"projection difference of the dataset on {t} (layer {usable[0]['layer']})",
                     ylabel=f"change in {t} score after finetuning",
-                    title=f"{t}: screening before training vs trait change",
+                    title=f"{t}: screening vs trait change "
+                    f"({_r_text(summary, t, 'projection_difference_vs_trait_change')})",
                 )
         tracked = [p for p in mine if not _is_final(p)]
         if tracked:
@@ -584,5 +592,5 @@ def _write(
                 run.file(f"checkpoints-{t}.png"),
                 xlabel=f"finetuning shift along the {t} vector",
                 ylabel=f"change in {t} score",
-                title=f"{t}: checkpoints of {tracked[0]['dataset']}",
+                title=f"{t}: checkpoints of {tracked[0]['dataset']} ({_r_text(summary, t, 'checkpoints')})",
             )
