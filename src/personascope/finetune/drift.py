@@ -38,7 +38,7 @@ from personascope.errors import PersonascopeError
 from personascope.finetune.datasets import DOMAINS, LEVELS, BuildConfig, build_dataset, split_prompt
 from personascope.finetune.evaluate import EvalCell, EvaluateConfig, evaluate_finetune, finetune_shift
 from personascope.finetune.screen import ScreenConfig, screen_dataset
-from personascope.finetune.train import FinetuneConfig, finetune
+from personascope.finetune.train import FinetuneConfig, finetune, total_steps
 
 if TYPE_CHECKING:
     from personascope.judges import Judge
@@ -208,7 +208,7 @@ def drift_experiment(
 ) -> DriftResult:
     """Run (or resume) the experiment into ``out`` (see the module docstring); ``model`` may be passed pre-loaded,
     ``judge`` as a judge object (default: built from ``cfg.judge``)."""
-    from personascope.finetune.datasets import load_chat_jsonl, write_chat_jsonl
+    from personascope.finetune.datasets import dataset_digest, load_chat_jsonl, write_chat_jsonl
     from personascope.models.loading import load_model
     from personascope.pipelines.common import build_judge
     from personascope.runs import RunDir
@@ -232,8 +232,6 @@ def drift_experiment(
     traits = [t.name for *_, t in vectors]
     if len(set(traits)) != len(traits):
         raise PersonascopeError(f"two vectors measure the same trait ({', '.join(traits)}); give one per trait")
-
-    from personascope.finetune.datasets import dataset_digest
 
     judge_spec = cfg.judge or f"contrast:{cfg.model}"
     config = asdict(cfg) | {
@@ -301,15 +299,11 @@ def drift_experiment(
             done_points[key] = row
 
     # 2 + 3. finetune every dataset (the tracked one measured on its way) and measure it
-    ft_dirs: dict[str, Path] = {}
     for item, path in datasets.items():
         name = parse_dataset(item)[0]
         ft_cfg = FinetuneConfig(dataset=str(path), model=cfg.model, **train_cfg)
         ft_dir = root / "finetune" / name
-        ft_dirs[item] = ft_dir
         if item == cfg.track:
-            from personascope.finetune.train import total_steps
-
             steps = total_steps(len(load_chat_jsonl(path, limit=ft_cfg.limit)), ft_cfg.resolved())
             for stop in range(cfg.track_every, steps, cfg.track_every):
                 label = f"{name}@{stop}"
@@ -319,6 +313,8 @@ def drift_experiment(
                 if partial.steps != stop:  # the run had finished already: this checkpoint can no longer be measured
                     continue
                 record_point(label, item, stop, partial.model)
+        if all(f"{name}|{t}" in done_points for t in traits):
+            continue  # measured in an earlier call
         result = finetune(ft_cfg, ft_dir, model=base)
         record_point(name, item, result.steps, result.model)
         del result
