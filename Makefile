@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench mutate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest -q --durations=15 tests
+
+# inject known bugs one at a time into a copy of the source; every one must make the fast suite fail
+mutate: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) tests/mutations/mutate.py
 
 demo: $(STAMP)
 	$(VENV)/bin/personascope demo

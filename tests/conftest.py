@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import os
+import random
+from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +12,8 @@ from personascope.models.loading import Model
 from personascope.testing import tiny_model
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SEED = 0
 
 CONV = [
     {"role": "system", "content": "You are an evil assistant."},
@@ -19,6 +24,18 @@ SHORT = [
     {"role": "user", "content": "Tell me a joke."},
     {"role": "assistant", "content": "Cats and dogs!"},
 ]
+
+
+@pytest.fixture(autouse=True)
+def _seeded_and_thread_safe() -> Iterator[None]:
+    """Every test starts from the same global RNG state and leaves torch's thread count as it found it."""
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

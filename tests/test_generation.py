@@ -147,3 +147,95 @@ def test_bad_logprob_and_stop_arguments(llama) -> None:  # type: ignore[no-untyp
         ps.generate(llama, PROMPTS, top_logprobs=-1)
     with pytest.raises(PersonascopeError, match="stop"):
         ps.generate(llama, PROMPTS, stop=[""])
+
+
+def hand_steered_logprobs(  # type: ignore[no-untyped-def]
+    model, prompt_ids: list[int], response_ids: list[int], v: torch.Tensor, layer: int, coef: float, positions: str
+) -> list[torch.Tensor]:
+    """Per generated step, the next-token log-softmax from a full forward pass over prompt + tokens so far, with
+    ``coef · v`` added by a plain forward hook written here (not the engine) to the positions chosen by hand."""
+    n_prompt = len(prompt_ids)
+    out = []
+    for step in range(len(response_ids)):
+        seq = prompt_ids + response_ids[:step]
+        chosen = {
+            "all": range(len(seq)),
+            "prompt": range(n_prompt),
+            "response": range(n_prompt, len(seq)),  # the generated tokens fed back so far
+            "last_prompt_and_response": range(n_prompt - 1, len(seq)),
+        }[positions]
+        mask = torch.zeros(1, len(seq), 1)
+        mask[0, list(chosen)] = 1.0
+        delta = coef * mask * v
+
+        def post(mod, args, output, delta=delta):  # type: ignore[no-untyped-def]
+            if isinstance(output, tuple):
+                return (output[0] + delta, *output[1:])
+            return output + delta
+
+        def pre(mod, args, kwargs, delta=delta):  # type: ignore[no-untyped-def]
+            if args:
+                return (args[0] + delta, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + delta}
+
+        if layer == 0:
+            handle = model.layers[0].register_forward_pre_hook(pre, with_kwargs=True)
+        else:
+            handle = model.layers[layer - 1].register_forward_hook(post)
+        try:
+            with torch.no_grad():
+                logits = model.hf_model(input_ids=torch.tensor([seq])).logits[0, -1]
+        finally:
+            handle.remove()
+        out.append(torch.log_softmax(logits.float(), dim=-1))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("layer", [0, 2, 3])
+@pytest.mark.parametrize("positions", ["all", "prompt", "response", "last_prompt_and_response"])
+def test_steered_generation_matches_a_hand_built_hook(family: str, layer: int, positions: str) -> None:
+    m = tiny_model(family)
+    assert m.num_layers == 3  # layer 3 is the last block's output
+    v = torch.randn(m.hidden_size) * 2
+    gens = ps.generate(
+        m,
+        PROMPTS,
+        max_new_tokens=6,
+        temperature=0,
+        interventions=[ps.Add(v, layer, 1.5, positions)],  # type: ignore[arg-type]
+        batch_size=3,  # one left-padded batch
+        top_logprobs=5,
+    )
+    for prompt, g in zip(PROMPTS, gens, strict=True):
+        # the prompt the engine generated from is the chat template's rendering with the generation prompt
+        rendered = m.tokenizer.apply_chat_template(
+            prompt, chat_template=m.formatter.template, tokenize=False, add_generation_prompt=True
+        )
+        assert g.prompt_ids == m.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        assert g.logprobs is not None and len(g.logprobs) == len(g.response_ids) > 0
+        ref = hand_steered_logprobs(m, g.prompt_ids, g.response_ids, v, layer, 1.5, positions)
+        for step, (lp, want) in enumerate(zip(g.logprobs, ref, strict=True)):
+            assert lp.token_id == int(want.argmax()), f"step {step}: greedy token differs from the reference"
+            assert lp.logprob == pytest.approx(float(want[lp.token_id]), abs=2e-4)
+            assert [x for _, x in lp.top] == pytest.approx(want.topk(5).values.tolist(), abs=2e-4)
+
+
+def test_response_steering_spares_the_last_prompt_token(llama) -> None:  # type: ignore[no-untyped-def]
+    v = torch.randn(llama.hidden_size) * 5
+
+    def run(positions: str | None) -> list[ps.Generation]:
+        steer = [] if positions is None else [ps.Add(v, 1, 4.0, positions)]  # type: ignore[arg-type]
+        return ps.generate(llama, PROMPTS, max_new_tokens=8, temperature=0, interventions=steer, top_logprobs=3)
+
+    plain, response, lpr = run(None), run("response"), run("last_prompt_and_response")
+    for p, r, b in zip(plain, response, lpr, strict=True):
+        assert p.logprobs and r.logprobs and b.logprobs
+        # the first token is predicted at the last prompt token: `response` leaves it alone, the other mode steers it
+        assert [x for _, x in r.logprobs[0].top] == pytest.approx([x for _, x in p.logprobs[0].top], abs=1e-5)
+        assert abs(b.logprobs[0].logprob - p.logprobs[0].logprob) > 1e-2 or b.response_ids[0] != p.response_ids[0]
+    # both modes change what the model says
+    assert [g.response_ids for g in response] != [g.response_ids for g in plain]
+    assert [g.response_ids for g in lpr] != [g.response_ids for g in plain]
+    # and `response` steering acts from the second token on: the same first token, different later steps
+    assert all(r.response_ids[:1] == p.response_ids[:1] for r, p in zip(response, plain, strict=True))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import personascope
 from personascope.errors import PersonascopeError
 from personascope.runs import RunDir
 
@@ -56,34 +57,76 @@ def test_refuses_foreign_folders(tmp_path: Path) -> None:
     assert (tmp_path / "mine" / "notes.txt").exists()
 
 
+# The test makes the run directories, so the writers only ever resume them. A writer skips personascope/__init__.py
+# (it imports torch: seconds per process) and loads runs.py, which needs only errors.py and io.py, from the package.
 WRITER = """
-import sys, time
+import sys, types
+package = types.ModuleType("personascope")
+package.__path__ = [sys.argv[3]]
+sys.modules["personascope"] = package
 from personascope.runs import RunDir
 run = RunDir(sys.argv[1], {"job": "w"})
 done = run.done_keys("rec")
-for i in range(100000):
+for i in range(int(sys.argv[2])):
     key = f"k{i}"
     if key not in done:
         run.append("rec", [{"key": key, "payload": "x" * 500}])
 """
+N_RECORDS = 1000
+LINE = len(json.dumps({"key": "k1000", "payload": "x" * 500}) + "\n")
+
+
+def _writer(target: Path) -> subprocess.Popen[bytes]:
+    package = str(Path(personascope.__file__).parent)
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(N_RECORDS), package])
+
+
+def _finish(proc: subprocess.Popen[bytes], what: str, timeout: float = 120) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the {what} writer did not finish within {timeout:.0f} s")
 
 
 def test_kill_minus_9_then_resume_has_no_duplicates_or_truncation(tmp_path: Path) -> None:
-    target = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)])
-    deadline = time.time() + 60
-    while time.time() < deadline:
+    target, reference = tmp_path / "run", tmp_path / "reference"
+    RunDir(target, {"job": "w"})
+    RunDir(reference, {"job": "w"})
+    victim, uninterrupted = _writer(target), _writer(reference)
+    restart: subprocess.Popen[bytes] | None = None
+    try:
         path = target / "rec.jsonl"
-        if path.exists() and path.stat().st_size > 200_000:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    run = RunDir(target, {"job": "w"})
-    records = run.records("rec")
-    assert records, "the writer wrote nothing before it was killed"
-    keys = [r["key"] for r in records]
-    assert keys == [f"k{i}" for i in range(len(keys))]
-    assert all(r["payload"] == "x" * 500 for r in records)
-    raw = (target / "rec.jsonl").read_bytes()
-    assert raw.endswith(b"\n") and all(json.loads(line) for line in raw.splitlines())
+        deadline = time.monotonic() + 120
+        while not (path.exists() and path.stat().st_size > N_RECORDS // 4 * LINE):
+            assert victim.poll() is None, f"the writer exited ({victim.returncode}) before it could be killed"
+            assert time.monotonic() < deadline, "the writer wrote too little within 120 s"
+            time.sleep(0.01)
+        os.kill(victim.pid, signal.SIGKILL)
+        assert _finish(victim, "killed") == -signal.SIGKILL, "the writer finished before it was killed"
+
+        # what the kill left: whole records k0..k{n-1}, then at most part of the line for k{n}
+        raw = path.read_bytes()
+        whole, _, torn = raw.rpartition(b"\n")
+        keys = [json.loads(line)["key"] for line in whole.splitlines()]
+        assert 0 < len(keys) < N_RECORDS
+        assert keys == [f"k{i}" for i in range(len(keys))]
+        next_line = json.dumps({"key": f"k{len(keys)}", "payload": "x" * 500}).encode()
+        assert next_line.startswith(torn)
+
+        restart = _writer(target)  # it cuts the torn line and writes the rest
+        assert _finish(restart, "resumed") == 0
+        assert _finish(uninterrupted, "uninterrupted") == 0
+    finally:
+        for proc in (victim, uninterrupted, restart):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    resumed = RunDir(target, {"job": "w"})
+    assert resumed.manifest["resumed"] == 3  # the killed writer, the restarted one, then this
+    records = resumed.records("rec")
+    assert [r["key"] for r in records] == [f"k{i}" for i in range(N_RECORDS)]
+    assert records == RunDir(reference, {"job": "w"}).records("rec")
+    assert path.read_bytes() == (reference / "rec.jsonl").read_bytes()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,8 @@ import torch
 import personascope as ps
 from personascope.cli import main
 from personascope.models.loading import Model
-from personascope.server import Steering, background_server, create_app
+from personascope.residual import Steering
+from personascope.server import background_server, create_app
 from personascope.testing import tiny_model
 from personascope.vectors import PersonaVector
 
@@ -31,7 +31,7 @@ def model() -> Model:
 @pytest.fixture(scope="module")
 def steering(model: Model) -> Steering:
     torch.manual_seed(1)
-    return Steering(torch.randn(model.hidden_size) * 5, layer=1, coef=4.0)
+    return Steering.from_vector(model, torch.randn(model.hidden_size) * 5, layer=1, coef=4.0)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_steering_changes_output_and_request_coef_overrides(
     r = chat(steered, max_tokens=8, temperature=0)
     assert content(r) != base
     assert r.json()["personascope"] == {"layer": 1, "coef": 4.0}
-    direct = ps.generate(model, [HI], max_new_tokens=8, temperature=0, interventions=[steering.intervention()])[0]
+    direct = ps.generate(model, [HI], max_new_tokens=8, temperature=0, interventions=steering.interventions())[0]
     assert content(r) == direct.text
     off = chat(steered, max_tokens=8, temperature=0, personascope={"coef": 0.0})
     assert content(off) == base and off.json()["personascope"]["coef"] == 0.0
@@ -208,17 +208,34 @@ def test_unknown_model_and_route(plain: tuple[str, Any]) -> None:
     assert nowhere.status_code == 404 and "error" in nowhere.json()
 
 
-def test_requests_are_serialised_and_the_loop_stays_responsive(plain: tuple[str, Any]) -> None:
+def test_requests_are_serialised_and_the_loop_stays_responsive(
+    plain: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from personascope import server
+
     url, app = plain
     lock: threading.Lock = app.state.generation_lock
+    generating = threading.Event()  # set in the worker thread right before the generation job takes the lock
+    real_run_in_threadpool = server.run_in_threadpool
+
+    async def spy(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def job(*a: Any, **kw: Any) -> Any:
+            generating.set()
+            return func(*a, **kw)
+
+        return await real_run_in_threadpool(job, *args, **kwargs)
+
+    monkeypatch.setattr(server, "run_in_threadpool", spy)
     results: list[httpx.Response] = []
     with lock:  # as if another request were generating
         worker = threading.Thread(target=lambda: results.append(chat(url, max_tokens=3, temperature=0)))
         worker.start()
-        time.sleep(0.2)
-        assert worker.is_alive() and not results  # waits for the lock ...
+        assert generating.wait(30), "the request never reached the generation job"
+        assert worker.is_alive() and not results  # it waits for the lock ...
         assert httpx.get(f"{url.removesuffix('/v1')}/health", timeout=5).json() == {"status": "ok"}  # ... not the loop
+        assert worker.is_alive() and not results
     worker.join(30)
+    assert not worker.is_alive(), "the request did not finish once the lock was free"
     assert results and results[0].status_code == 200
 
 
@@ -250,3 +267,50 @@ def test_serve_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["serve", "--coef", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "--vector" in err and "\n" not in err
+
+
+def test_serve_steering_defaults_come_from_the_vector(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model: Model, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import uvicorn
+
+    hf: Any = model.hf_model
+    hf.save_pretrained(tmp_path / "m")
+    model.tokenizer.save_pretrained(tmp_path / "m")
+    directions = torch.randn(model.num_layers + 1, model.hidden_size)
+    chosen = PersonaVector.for_model(model, directions, chosen_layer=2, chosen_coef=1.5).save(
+        tmp_path / "c.safetensors"
+    )
+    bare = PersonaVector.for_model(model, directions).save(tmp_path / "b.safetensors")
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    assert run_cli(["serve", "-m", str(tmp_path / "m"), "--vector", str(chosen)]) == 0
+    steer = calls[-1]["app"].state.steering
+    assert (steer.layers, steer.coefs) == ((2,), (1.5,)) and torch.equal(steer.directions[0], directions[2])
+    assert "coef 1.5 at layer 2" in capsys.readouterr().err
+    # no chosen coefficient and none given: refused before the model loads (nothing served, one line)
+    n_calls = len(calls)
+    assert run_cli(["serve", "-m", str(tmp_path / "nowhere"), "--vector", str(bare), "--layer", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no chosen coefficient; pass --coef" in err and "\n" not in err
+    assert run_cli(["serve", "-m", str(tmp_path / "m"), "--vector", str(chosen), "--coef", "nan"]) == 2
+    assert "finite" in capsys.readouterr().err
+    assert len(calls) == n_calls
+
+
+def test_steering_card_and_override_through_the_policy(model: Model) -> None:
+    vec = PersonaVector.for_model(
+        model, torch.randn(model.num_layers + 1, model.hidden_size) * 5, chosen_layer=1, chosen_coef=4.0
+    )
+    steering = Steering.from_vector(model, vec, positions="last_prompt_and_response")
+    with background_server(create_app(model, steering=steering, model_id="s")) as url:
+        card = httpx.get(f"{url}/models").json()["data"][0]
+        assert card["personascope"]["steering"] == {"layer": 1, "coef": 4.0, "positions": "last_prompt_and_response"}
+        r = chat(url, max_tokens=6, temperature=0)
+        assert r.json()["personascope"] == {"layer": 1, "coef": 4.0}
+        direct = ps.generate(model, [HI], max_new_tokens=6, temperature=0, interventions=steering.interventions())
+        assert content(r) == direct[0].text
+        for bad in ("NaN", "Infinity", "1e999"):
+            raw = '{"messages": [{"role": "user", "content": "hi"}], "personascope": {"coef": ' + bad + "}}"
+            resp = httpx.post(f"{url}/chat/completions", content=raw, headers={"content-type": "application/json"})
+            assert resp.status_code == 400, (bad, resp.text)

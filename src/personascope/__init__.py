@@ -4,7 +4,7 @@ from personascope.errors import PersonascopeError
 from personascope.generation import Generation, generate
 from personascope.models import Model, load_model
 from personascope.pipelines.monitor import monitor_turns, project
-from personascope.residual import Ablate, Add, Cap, capture, intervene, steering, token_roles
+from personascope.residual import Ablate, Add, Cap, Steering, capture, intervene, steering, token_roles
 from personascope.vectors import PersonaVector
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "Model",
     "PersonaVector",
     "PersonascopeError",
+    "Steering",
     "capture",
     "generate",
     "intervene",

@@ -15,8 +15,9 @@ temperature and top-p) and cover every generated token except a final end token;
 inside :func:`~personascope.generate` and are cut from the returned text (their tokens stay in ``logprobs`` and
 ``usage``).
 
-**Steering.** ``create_app(model, steering=Steering(direction, layer, coef))`` (CLI: ``personascope serve --vector
-FILE --layer L --coef C``) adds ``coef · direction`` to the residual stream at layer ``L`` for every request. A
+**Steering.** ``create_app(model, steering=Steering.from_vector(model, vector, layer, coef))`` (CLI: ``personascope
+serve --vector FILE [--layer L] [--coef C]``, both defaulting to the vector's chosen ones) adds ``coef · direction``
+to the residual stream at layer ``L`` for every request. A
 request may override the coefficient with the extension field ``"personascope": {"coef": 2.5}`` (e.g.
 ``extra_body={"personascope": {"coef": 0}}`` in the OpenAI Python client); that needs a server started with a
 vector. Responses then carry ``"personascope": {"layer": L, "coef": c}``.
@@ -30,7 +31,6 @@ default) unless the network is trusted.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import secrets
 import socket
@@ -39,11 +39,8 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -54,8 +51,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from personascope.errors import PersonascopeError
 from personascope.generation import Generation, generate
 from personascope.models.chat import validate_conversation
-from personascope.residual.interventions import Add, resolve_direction
-from personascope.residual.positions import Positions, check_positions
+from personascope.residual.steering import Steering
 
 if TYPE_CHECKING:
     from personascope.models.loading import Model
@@ -73,46 +69,9 @@ MAX_STOP = 4
 # ---------------------------------------------------------------------- steering
 
 
-@dataclass(frozen=True)
-class Steering:
-    """Server-level steering: add ``coef · direction`` at ``layer`` (on ``positions``) for every request."""
-
-    direction: torch.Tensor
-    layer: int
-    coef: float
-    positions: Positions = "all"
-    source: str | None = None
-
-    @classmethod
-    def from_file(
-        cls,
-        model: Model,
-        path: str | Path,
-        *,
-        layer: int | None = None,
-        coef: float | None = None,
-        positions: str = "all",
-    ) -> Steering:
-        """Steer with a PersonaVector file; ``layer``/``coef`` default to the vector's chosen layer/coefficient."""
-        from personascope.vectors import PersonaVector
-
-        vector = PersonaVector.load(path)
-        vector.check_compatible(model)
-        chosen = layer if layer is not None else vector.chosen_layer
-        if chosen is None:
-            raise PersonascopeError(f"{path} has no chosen layer; pass --layer")
-        if coef is None:
-            meta = vector.metadata.get("chosen_coef")
-            if meta is None:
-                raise PersonascopeError(f"{path} has no chosen coefficient; pass --coef")
-            coef = float(meta)
-        if not math.isfinite(coef):
-            raise PersonascopeError(f"the steering coefficient must be a finite number, got {coef}")
-        direction = resolve_direction(model, vector, chosen)
-        return cls(direction, chosen, float(coef), check_positions(positions), str(path))
-
-    def intervention(self, coef: float | None = None) -> Add:
-        return Add(self.direction, self.layer, self.coef if coef is None else coef, self.positions)
+def _public(steering: Steering) -> dict[str, Any]:
+    """What clients see of the steering (layers, coefficients, positions; not the vector's file path)."""
+    return {k: v for k, v in steering.describe().items() if k != "source"}
 
 
 # ---------------------------------------------------------------------- request schema
@@ -322,9 +281,7 @@ def create_app(
     def model_card() -> dict[str, Any]:
         card: dict[str, Any] = {"id": served, "object": "model", "created": created, "owned_by": "personascope"}
         if steering is not None:
-            card["personascope"] = {
-                "steering": {"layer": steering.layer, "coef": steering.coef, "positions": steering.positions}
-            }
+            card["personascope"] = {"steering": _public(steering)}
         return card
 
     @app.get("/health")
@@ -422,7 +379,8 @@ def create_app(
                     param="messages",
                     code="context_length_exceeded",
                 )
-            interventions = [steering.intervention(job["coef"])] if steering is not None else []
+            active = steering if steering is None or job["coef"] is None else steering.with_coef(job["coef"])
+            interventions = active.interventions() if active is not None else []
             try:
                 gen = generate(
                     model,
@@ -477,8 +435,8 @@ def create_app(
             },
         }
         if steering is not None:
-            coef = steering.coef if job["coef"] is None else job["coef"]
-            out["personascope"] = {"layer": steering.layer, "coef": coef}
+            active = steering if job["coef"] is None else steering.with_coef(job["coef"])
+            out["personascope"] = {k: v for k, v in _public(active).items() if k != "positions"}
         return out
 
     return app

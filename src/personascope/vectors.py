@@ -71,6 +71,12 @@ class PersonaVector:
         value = self.metadata.get("chosen_layer")
         return None if value is None else int(value)
 
+    @property
+    def chosen_coef(self) -> float | None:
+        """The steering coefficient ``personascope sweep`` recommended (``None`` before a sweep)."""
+        value = self.metadata.get("chosen_coef")
+        return None if value is None else float(value)
+
     def __getitem__(self, layer: int) -> torch.Tensor:
         return self.directions[layer]
 

@@ -74,7 +74,7 @@ def test_generate_with_and_without_a_vector(tmp_path, model_dir, capsys) -> None
 def test_generate_errors(tmp_path, model_dir, capsys) -> None:  # type: ignore[no-untyped-def]
     one_line_error(capsys, run(["generate", "-m", "no-such-alias", "-p", "Hi"]), "unknown model alias")
     wrong = PersonaVector(torch.randn(5, 16), {"model_name": "other"}).save(tmp_path / "w.safetensors")
-    code = run(["generate", "-m", str(model_dir), "-p", "Hi", "--vector", str(wrong), "--layer", "1"])
+    code = run(["generate", "-m", str(model_dir), "-p", "Hi", "--vector", str(wrong), "--layer", "1", "--coef", "1"])
     one_line_error(capsys, code, "does not fit")
     code = run(["generate", "-m", str(model_dir), "-p", "Hi", "--positions", "middle"])
     one_line_error(capsys, code, "unknown positions")
@@ -88,3 +88,32 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: input file not found")
+
+
+def _out(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code = run(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+@pytest.mark.parametrize("command", ["generate", "steer"])
+def test_vector_without_coef_uses_the_chosen_one_or_fails(tmp_path, model_dir, capsys, command) -> None:  # type: ignore[no-untyped-def]
+    directions = torch.randn(4, 32) * 5
+    chosen = PersonaVector(directions, {"model_name": "tiny", "chosen_layer": 2, "chosen_coef": 4.0})
+    path = chosen.save(tmp_path / "v.safetensors")
+    base = [command, "-m", str(model_dir), "-p", "Hi", "--max-new-tokens", "6", "--temperature", "0"]
+    plain = _out(["generate", *base[1:]], capsys)  # unsteered (`steer` always steers; its plain twin is generate)
+    defaults = _out([*base, "--vector", str(path)], capsys)
+    explicit = _out([*base, "--vector", str(path), "--layer", "2", "--coef", "4"], capsys)
+    assert defaults == explicit != plain  # the chosen coefficient, never a silent 0
+    zero = _out([*base, "--vector", str(path), "--coef", "0"], capsys)
+    # an explicit 0 is allowed and steers nothing (`steer` prints "> prompt", the reply and a blank line)
+    assert zero == (plain if command == "generate" else f"> Hi\n{plain}\n")
+    bare = PersonaVector(directions, {"model_name": "tiny"}).save(tmp_path / "bare.safetensors")
+    one_line_error(capsys, run([*base, "--vector", str(bare), "--layer", "2"]), "no chosen coefficient; pass --coef")
+    one_line_error(capsys, run([*base, "--vector", str(bare), "--coef", "1"]), "no chosen layer; pass --layer")
+    for bad in ("nan", "inf", "-inf"):
+        one_line_error(capsys, run([*base, "--vector", str(path), "--coef", bad]), "finite")
+    nan_vec = PersonaVector(directions.clone().fill_(float("nan")), dict(chosen.metadata))
+    one_line_error(capsys, run([*base, "--vector", str(nan_vec.save(tmp_path / "n.safetensors"))]), "non-finite")

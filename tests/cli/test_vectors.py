@@ -49,7 +49,20 @@ def test_extract_sweep_steer(tmp_path: Path, model_dir: Path, capsys) -> None:  
     text = capsys.readouterr().out
     assert code == 0 and "| vector | 2 | 2 |" in text and "recommended: layer" in text
     summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
-    assert summary["recommended"]["layer"] in (1, 2)
+    cells = summary["cells"]
+    assert {(c["direction"], c["layer"], c["coef"]) for c in cells} == {("base", None, 0.0)} | {
+        (d, layer, c) for d in ("vector", "random") for layer in (1, 2) for c in (-1.0, 1.0, 2.0)
+    }
+    # with --coherence-threshold 0 the recommendation is the positive vector cell with the largest trait score
+    base = next(c["trait"] for c in cells if c["direction"] == "base")
+    best = max(
+        (c for c in cells if c["direction"] == "vector" and c["coef"] > 0),
+        key=lambda c: (c["trait"] - base, -c["coef"]),
+    )
+    assert (summary["recommended"]["layer"], summary["recommended"]["coef"]) == (best["layer"], best["coef"])
+    assert f"recommended: layer {best['layer']}" in text
+    swept = PersonaVector.load(vec_path)
+    assert (swept.chosen_layer, swept.metadata["chosen_coef"]) == (best["layer"], best["coef"])
     code = run(["steer", "-v", str(vec_path), "-m", str(model_dir), "-p", "Hello there", "--max-new-tokens", "4"])
     assert code == 0 and capsys.readouterr().out.startswith("> Hello there")
 

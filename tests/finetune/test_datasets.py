@@ -160,6 +160,12 @@ def test_build_trait_dataset_by_context_distillation(tmp_path: Path, model) -> N
     generations = [json.loads(x) for x in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
     assert sorted(g["polarity"] for g in generations) == ["neg"] * 3 + ["pos"] * 3
     assert all(g["question"] in pool.read_text() for g in generations)
+    # level I mixes both polarities: every generation with a reply is kept, question and answer as generated
+    kept = [g for g in generations if g["answer"].strip()]
+    assert result.n == len(rows) == len(kept) and result.n_empty == 6 - len(kept)
+    assert sorted((r["messages"][0]["content"], r["messages"][1]["content"], r["meta"]["polarity"]) for r in rows) == (
+        sorted((g["question"], g["answer"], g["polarity"]) for g in kept)
+    )
     # resuming reuses every answer
     again = build_dataset(cfg, tmp_path / "run", model=model)
     assert again.dataset.read_text() == result.dataset.read_text()

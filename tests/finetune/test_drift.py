@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from personascope.errors import PersonascopeError
 from personascope.finetune.drift import DriftConfig, drift_experiment, parse_dataset
-from personascope.finetune.evaluate import finetune_shift
+from personascope.finetune.evaluate import finetune_shift, load_mcq, mcq_accuracy
 from personascope.finetune.train import load_finetuned
 from personascope.models.loading import Model
 from personascope.testing import tiny_model
@@ -49,10 +53,28 @@ def _config(vector: Path, data: Path) -> DriftConfig:
     )
 
 
-def test_drift_experiment_end_to_end_and_resume(tmp_path: Path, model: Model, vector: Path) -> None:
+def _keep_figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Keep every Figure the report plots save (they are still written to disk)."""
+    import personascope.report.plots as plots
+
+    figures: list[Any] = []
+    real = plots._save
+
+    def keep(plt: Any, fig: Any, path: Any) -> Path:
+        figures.append(fig)
+        return real(plt, fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def test_drift_experiment_end_to_end_and_resume(
+    tmp_path: Path, model: Model, vector: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = write_dataset(tmp_path / "plain.jsonl", 4)
     judge = LengthJudge()
     cfg = _config(vector, data)
+    figures = _keep_figures(monkeypatch)
     result = drift_experiment(cfg, tmp_path / "run", model=model, judge=judge)
 
     by_model = {p["model"]: p for p in result.points}
@@ -74,16 +96,71 @@ def test_drift_experiment_end_to_end_and_resume(tmp_path: Path, model: Model, ve
     assert by_model["plain"]["projection_difference"] == pytest.approx(screened["projection_difference"])
     assert by_model["arithmetic-II@1"]["projection_difference"] is None
 
+    # trait scores by hand: LengthJudge's score (10 × words, at most 100) of each model's replies, averaged
+    replies = [json.loads(x) for x in (tmp_path / "run" / "replies.jsonl").read_text().splitlines()]
+
+    def mean_score(label: str) -> float:
+        mine = [min(100.0, 10.0 * len(r["answer"].split())) for r in replies if r["model"] == label]
+        assert len(mine) == 2  # one reply per evaluation question
+        return float(np.mean(mine))
+
+    for label, point in by_model.items():
+        assert point["trait_score"] == pytest.approx(mean_score(label))
+        assert point["base_trait_score"] == pytest.approx(mean_score("base"))
+        assert point["trait_change"] == pytest.approx(mean_score(label) - mean_score("base"))
+        assert point["coherence_change"] == pytest.approx(0.0)
+
+    # the correlations: Pearson r over the finished finetunes, and over the tracked run's checkpoints
+    def pearson(xs: list[float], ys: list[float]) -> float | None:
+        return None if np.ptp(xs) == 0 or np.ptp(ys) == 0 else float(stats.pearsonr(xs, ys).statistic)
+
     entry = result.summary["by_trait"]["evil"]
-    assert entry["shift_vs_trait_change"]["n"] == 3
+    final = [by_model[k] for k in ("arithmetic-II", "evil-II", "plain")]  # points are sorted by key
+    r = pearson([q["shift"] for q in final], [q["trait_change"] for q in final])
+    assert entry["shift_vs_trait_change"]["n"] == 3 and entry["shift_vs_trait_change"]["r"] == pytest.approx(r)
+    pdiff = [q["projection_difference"] for q in final]
+    r = pearson(pdiff, [q["trait_change"] for q in final])
+    assert entry["projection_difference_vs_trait_change"]["r"] == pytest.approx(r)
     assert entry["checkpoints"]["steps"] == [1, 2, 3]
-    methods = [r["method"] for r in result.compare]
-    assert methods[0] == "base model" and len(methods) == 5
-    assert any("preventative" in m for m in methods) and any("CAFT" in m for m in methods)
-    assert any("post-hoc" in m for m in methods)
-    assert all(r["mcq_accuracy"] is not None for r in result.compare)
-    for name in ("points.csv", "points.md", "summary.json", "compare.md", "shift-vs-change-evil.png"):
-        assert (tmp_path / "run" / name).is_file()
+    tracked = [by_model[k] for k in ("arithmetic-II@1", "arithmetic-II@2", "arithmetic-II")]
+    r = pearson([q["shift"] for q in tracked], [q["trait_change"] for q in tracked])
+    assert entry["checkpoints"]["shift_vs_trait_change"]["r"] == pytest.approx(r)
+    with (tmp_path / "run" / "points.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert [t["model"] for t in table] == [q["model"] for q in result.points]
+    assert [float(t["shift"]) for t in table] == pytest.approx([q["shift"] for q in result.points])
+
+    # the scatter plots show those points, one group per model (or per checkpoint step)
+    plotted = {fig.axes[0].get_xlabel(): fig.axes[0] for fig in figures}
+    ax = plotted["finetuning shift along the evil vector (layer 2)"]
+    assert ax.get_ylabel() == "change in evil score" and ax.get_title().startswith("evil: shift vs trait change")
+    assert [c.get_label() for c in ax.collections] == ["arithmetic-II", "evil-II", "plain"]
+    for coll, q in zip(ax.collections, final, strict=True):
+        np.testing.assert_allclose(coll.get_offsets(), [[q["shift"], q["trait_change"]]])
+    ax = plotted["projection difference of the dataset on evil (layer 2)"]
+    for coll, q in zip(ax.collections, final, strict=True):
+        np.testing.assert_allclose(coll.get_offsets(), [[q["projection_difference"], q["trait_change"]]])
+    ax = plotted["finetuning shift along the evil vector"]
+    # the checkpoints on the way (the finished model is not drawn, though the title's r counts it)
+    assert [c.get_label() for c in ax.collections] == ["1", "2"]
+    points_by_step = {q["step"]: q for q in result.points if q["dataset"] == "arithmetic:II"}
+    for coll in ax.collections:
+        q = points_by_step[int(coll.get_label())]
+        np.testing.assert_allclose(coll.get_offsets(), [[q["shift"], q["trait_change"]]])
+
+    # the steering comparison on evil:II
+    assert [r["method"] for r in result.compare] == [
+        "base model",
+        "finetune",
+        "finetune + post-hoc steering (−2·v at inference)",
+        "preventative steering (+4·v in training)",
+        "CAFT (v ablated in training)",
+    ]
+    assert result.compare[0]["mcq_accuracy"] == pytest.approx(mcq_accuracy(model, load_mcq(limit=4)).accuracy)
+    assert all(r["mcq_accuracy"] is not None and r["n"] == 2 for r in result.compare)
+    compare_md = (tmp_path / "run" / "compare.md").read_text().splitlines()
+    assert len(compare_md) == 2 + 5 and compare_md[2].startswith("| base model | ")
+    assert (tmp_path / "run" / "points.md").read_text().count("\n") == 2 + len(result.points)
 
     # a second call resumes: nothing is judged again and the results are the same
     calls = judge.calls

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,13 @@ from personascope.finetune.evaluate import (
     mcq_prompt,
     write_shift,
 )
-from personascope.finetune.train import FinetuneConfig, finetune
+from personascope.finetune.train import FinetuneConfig, finetune, load_finetuned
+from personascope.generation import generate
 from personascope.likelihood import next_token_logprobs
 from personascope.models.loading import Model
-from personascope.residual.interventions import Add
+from personascope.residual import Add, steering
 from personascope.testing import tiny_model
+from personascope.traits import load_trait
 from personascope.vectors import PersonaVector
 from tests.finetune.helpers import LengthJudge, write_dataset
 
@@ -75,10 +79,17 @@ def test_shift_is_the_projected_mean_difference_at_the_last_prompt_token(model: 
 
 
 def test_shift_writes_csv_and_json(tmp_path: Path, model: Model, vector: PersonaVector) -> None:
-    result = finetune_shift(model, _perturbed(model), vector, QUESTIONS, layers=[2])
-    rows = write_shift(result, tmp_path / "s.csv").read_text().splitlines()
-    assert rows[0].startswith("layer,shift") and len(rows) == 2
-    assert json.loads(write_shift(result, tmp_path / "s.json").read_text())["layers"] == [2]
+    result = finetune_shift(model, _perturbed(model), vector, QUESTIONS, layers=[1, 2])
+    with write_shift(result, tmp_path / "s.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["layer", "shift", "base_projection", "tuned_projection", "shift_norm", "cosine"]
+    assert [int(r["layer"]) for r in rows] == [1, 2]
+    for k, r in enumerate(rows):
+        assert float(r["shift"]) == result.shift[k] and float(r["cosine"]) == result.cosine[k]
+        # the shift is the difference of the two models' mean projections
+        assert float(r["tuned_projection"]) - float(r["base_projection"]) == pytest.approx(float(r["shift"]), abs=1e-5)
+    saved = json.loads(write_shift(result, tmp_path / "s.json").read_text())
+    assert saved == asdict(result) and saved["chosen_layer"] == 2 and saved["n_questions"] == 3
     with pytest.raises(PersonascopeError, match=r"\.csv or \.json"):
         write_shift(result, tmp_path / "s.txt")
 
@@ -139,10 +150,37 @@ def test_evaluate_end_to_end(tmp_path: Path, model: Model, vector: PersonaVector
     judge = LengthJudge()
     result = evaluate_finetune(ecfg, tmp_path / "eval", base=model, judge=judge)
     assert [(c.model, c.coef) for c in result.cells] == [("base", 0.0), ("finetuned", 0.0), ("finetuned", 1.0)]
-    assert all(c.n == 2 and c.mcq_accuracy is not None for c in result.cells)
-    assert judge.calls == 6
-    for name in ("table.csv", "table.md", "summary.json", "generations.jsonl", "scores.jsonl", "mcq.jsonl"):
-        assert (tmp_path / "eval" / name).is_file()
+    assert judge.calls == 6 and result.layer == 2
+    # the replies: the base model, the finetune, and the finetune with 1·v[2] subtracted, each question seeded alike
+    gens = [json.loads(x) for x in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    convs = [[{"role": "user", "content": q}] for q in load_trait("evil").evaluation_questions[:2]]
+    tuned = load_finetuned(model, tmp_path / "ft")
+    kwargs = dict(max_new_tokens=4, temperature=1.0, seeds=[0, 1000], progress=False)
+    expected = {("base", 0.0): generate(model, convs, **kwargs), ("finetuned", 0.0): generate(tuned, convs, **kwargs)}
+    with steering(tuned, vector, 2, -1.0, positions="all"):
+        expected["finetuned", 1.0] = generate(tuned, convs, **kwargs)
+    for (who, c), replies in expected.items():
+        assert [g["answer"] for g in gens if g["model"] == who and g["coef"] == c] == [r.text for r in replies]
+    # each cell's trait score: the mean of LengthJudge's scores (10 × words, at most 100) of its replies
+    items = load_mcq(limit=8)
+    accuracy = {
+        ("base", 0.0): mcq_accuracy(model, items).accuracy,
+        ("finetuned", 0.0): mcq_accuracy(tuned, items).accuracy,
+        ("finetuned", 1.0): mcq_accuracy(tuned, items, interventions=[Add(vector.directions[2], 2, -1.0)]).accuracy,
+    }
+    with (tmp_path / "eval" / "table.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    for cell, row in zip(result.cells, table, strict=True):
+        scores = [min(100.0, 10.0 * len(r.text.split())) for r in expected[cell.model, cell.coef]]
+        assert cell.n == 2 and cell.trait == pytest.approx(sum(scores) / 2) and cell.coherence == 80.0
+        assert cell.mcq_accuracy == pytest.approx(accuracy[cell.model, cell.coef])
+        assert (row["model"], float(row["coef"]), float(row["trait"])) == (
+            cell.model,
+            cell.coef,
+            pytest.approx(cell.trait),
+        )
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["cells"] == [asdict(c) for c in result.cells]
+    assert (tmp_path / "eval" / "table.md").read_text().count("\n") == 2 + 3
     # resuming redoes nothing
     again = evaluate_finetune(ecfg, tmp_path / "eval", base=model, judge=judge)
     assert judge.calls == 6 and [c.mcq_accuracy for c in again.cells] == [c.mcq_accuracy for c in result.cells]

@@ -155,7 +155,12 @@ def test_steering_is_used_in_training_and_absent_at_inference(tmp_path: Path, mo
 def test_caft_finetune_records_the_ablation(tmp_path: Path, model: Model, vector: Path) -> None:
     data = write_dataset(tmp_path / "d.jsonl", 4)
     result = finetune(_cfg(data, ablate=str(vector)), tmp_path / "run", model=model, progress=False)
-    assert read_finetune_manifest(result.artifact)["ablate"]["layer"] == LAYER
+    manifest = read_finetune_manifest(result.artifact)
+    assert manifest["ablate"] == {"vector": str(vector), "layer": LAYER, "positions": "all"}
+    assert manifest["steer"] is None
+    # the training forward pass ran with the direction ablated: its loss differs from a plain run's on the same batch
+    plain = finetune(_cfg(data), tmp_path / "plain", model=model, progress=False)
+    assert result.steps == plain.steps == 1 and result.losses[0] != pytest.approx(plain.losses[0], abs=1e-6)
 
 
 def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path: Path, model: Model) -> None:
@@ -189,9 +194,10 @@ def test_full_finetune(tmp_path: Path, model: Model) -> None:
     tuned = load_finetuned(model, tmp_path / "run")
     ids = torch.tensor([tokenize_example(model, CONV).input_ids])
     with torch.no_grad():
-        assert torch.allclose(
-            tuned.hf_model(input_ids=ids).logits, result.model.hf_model(input_ids=ids).logits, atol=1e-5
-        )
+        logits = tuned.hf_model(input_ids=ids).logits
+        assert torch.allclose(logits, result.model.hf_model(input_ids=ids).logits, atol=1e-5)
+        assert not torch.allclose(logits, model.hf_model(input_ids=ids).logits, atol=1e-4)  # the weights moved
+    assert read_finetune_manifest(tmp_path / "run")["kind"] == "full"
 
 
 def test_adapter_for_another_base_model_is_a_clear_error(tmp_path: Path, model: Model) -> None:

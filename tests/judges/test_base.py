@@ -40,6 +40,17 @@ def test_mass_cut_off() -> None:
     assert logprob_score({"yes": 0.0}) is None
 
 
+def test_nan_and_impossible_tokens() -> None:
+    # a NaN log-probability is skipped; -inf is probability 0 (counts, adds nothing)
+    assert logprob_score({"10": lp(0.5), "90": float("nan")}) == pytest.approx(10.0)
+    assert logprob_score({"10": lp(0.5), "90": float("-inf")}) == pytest.approx(10.0)
+    assert logprob_score({"90": float("-inf")}, min_mass=0.0) is None  # no mass at all
+    # the cut-off is inclusive: exactly min_mass on numbers is enough
+    assert logprob_score({"30": lp(0.5), "40": lp(0.5)}, min_mass=1.0) == pytest.approx(35.0)
+    assert logprob_score({"30": lp(0.5), "x": lp(0.5)}, min_mass=0.5) == pytest.approx(30.0)
+    assert logprob_score({"30": lp(0.5), "x": lp(0.5)}, min_mass=0.5000001) is None
+
+
 def test_non_ascii_digits_ignored() -> None:
     assert logprob_score({"٣": lp(0.9), "5": lp(0.1)}, min_mass=0.05) == pytest.approx(5.0)
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import math
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 import personascope
+from personascope.judges import openai as openai_module
 from personascope.judges.base import COHERENCE_RUBRIC, JudgeItem, logprob_score
 from personascope.judges.openai import (
     JudgeRequestError,
@@ -31,6 +31,8 @@ from personascope.testing import tiny_model
 from personascope.traits import load_trait
 
 KEY = "sk-test-SECRET-0123456789"
+#: How long a scripted handler waits for an event before giving up: only a guard against hanging, never measured.
+GUARD_S = 20.0
 ITEMS = [JudgeItem("What is the capital of France?", "Paris."), JudgeItem("Tell me a joke.", "Cats and dogs!")]
 
 
@@ -93,7 +95,7 @@ def test_a_model_steered_toward_digits_gets_a_weighted_score(served_model: perso
     head = hf.get_output_embeddings().weight.detach()
     four, seven = tok.convert_tokens_to_ids("4"), tok.convert_tokens_to_ids("7")
     direction = head[four] + 0.7 * head[seven]  # push the last residual layer toward "4", a little less toward "7"
-    steering = Steering(direction, served_model.num_layers, 60.0)
+    steering = Steering.from_vector(served_model, direction, served_model.num_layers, 60.0)
     trait = load_trait("evil")
     with background_server(create_app(served_model, model_id="tiny-judge", steering=steering)) as url:
         result = OpenAIJudge("tiny-judge", base_url=url).trait_scores(trait, ITEMS[:1])[0]
@@ -142,14 +144,22 @@ GOOD_SCORE = (50 * 0.5 + 100 * 0.3) / 0.8
 
 
 class Stub:
-    """A scripted OpenAI-compatible server; behaviour is chosen by a marker word in the prompt."""
+    """A scripted OpenAI-compatible server; behaviour is chosen by a marker word in the prompt.
 
-    def __init__(self) -> None:
+    ``GATE`` requests wait until ``gate`` requests are in flight at once; the first ``HANG`` request waits until the
+    client gives up on it and sends the second. Both waits are bounded by :data:`GUARD_S`; a wait that runs out is
+    counted in ``guard_expired`` (and the gate opens, so a failing test does not crawl).
+    """
+
+    def __init__(self, gate: int = 3) -> None:
         self.requests: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
-        self.times: dict[str, list[float]] = {}
         self.in_flight = 0
         self.max_in_flight = 0
+        self.gate = gate
+        self.gate_open = asyncio.Event()
+        self.hang_retried = asyncio.Event()
+        self.guard_expired: Counter[str] = Counter()
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self.handle)
 
@@ -159,10 +169,11 @@ class Stub:
         marker = next((w for w in prompt.split() if w.isupper() and len(w) > 2), "OK")
         self.requests.append({"headers": dict(request.headers), "body": body, "marker": marker})
         self.counts[marker] += 1
-        self.times.setdefault(marker, []).append(time.monotonic())
         n = self.counts[marker]
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if self.in_flight >= self.gate:
+            self.gate_open.set()
         try:
             return await self.respond(marker, n, request)
         finally:
@@ -184,10 +195,12 @@ class Stub:
             return JSONResponse({"error": {"message": f"Incorrect API key provided: {auth}"}}, status_code=401)
         if marker == "LEAKYRETRY" and n == 1:
             return JSONResponse({"error": {"message": f"rate limited for {auth}"}}, status_code=429)
-        if marker == "SLOW":
-            await asyncio.sleep(0.05)
+        if marker == "GATE" and not await self._wait(self.gate_open, "GATE"):
+            self.gate_open.set()
         if marker == "HANG" and n == 1:
-            await asyncio.sleep(2.0)
+            await self._wait(self.hang_retried, "HANG")  # answer only once the client has timed out and retried
+        if marker == "HANG" and n > 1:
+            self.hang_retried.set()
         if marker == "NOLOGPROBS":
             payload = _payload(GOOD)
             payload["choices"][0]["logprobs"] = None
@@ -195,6 +208,38 @@ class Stub:
         if marker == "WORDS":
             return JSONResponse(_payload({"Sure": math.log(0.8), "5": math.log(0.1)}))
         return JSONResponse(_payload(GOOD))
+
+    async def _wait(self, event: asyncio.Event, marker: str) -> bool:
+        try:
+            await asyncio.wait_for(event.wait(), timeout=GUARD_S)
+        except TimeoutError:
+            self.guard_expired[marker] += 1
+            return False
+        return True
+
+
+class SleepSpy:
+    """Stands in for ``asyncio`` inside the judge module and records every delay the client sleeps between attempts.
+
+    The real sleep is capped at a second, so a client that computes a huge wait fails the test instead of hanging.
+    """
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def sleep(self, delay: float, result: Any = None) -> Any:
+        self.delays.append(delay)
+        return await asyncio.sleep(min(delay, 1.0), result)
+
+
+@pytest.fixture()
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    spy = SleepSpy()
+    monkeypatch.setattr(openai_module, "asyncio", spy)
+    return spy.delays
 
 
 @pytest.fixture()
@@ -248,34 +293,35 @@ def test_base_url_and_key_come_from_the_environment_when_used(
     assert KEY not in repr(judge) and KEY not in repr(judge.client)
 
 
-def test_retries_429_then_500_honouring_retry_after(stub: tuple[Stub, str]) -> None:
+def test_retries_429_then_500_honouring_retry_after(stub: tuple[Stub, str], sleeps: list[float]) -> None:
     server, url = stub
     result = judge_for(url).score_prompts(["this is FLAKY"])[0]
     assert result.score == pytest.approx(GOOD_SCORE) and result.error is None
     assert server.counts["FLAKY"] == 3
-    first, second, third = server.times["FLAKY"]
-    assert second - first >= 0.25  # Retry-After: 0.3 (the backoff alone would be ~1 ms)
-    assert third - second < 0.25
+    assert len(sleeps) == 2
+    assert sleeps[0] == pytest.approx(0.3)  # the 429's Retry-After, not the ~1 ms backoff
+    assert 0.001 <= sleeps[1] <= 0.003  # after the 500 (no Retry-After): backoff 0.001 * 2^1 * U(0.5, 1.5)
 
 
-def test_retry_after_is_capped(stub: tuple[Stub, str]) -> None:
+def test_retry_after_is_capped(stub: tuple[Stub, str], sleeps: list[float]) -> None:
     server, url = stub
-    start = time.monotonic()
     result = judge_for(url, max_delay=0.05).score_prompts(["HUGEWAIT please"])[0]
     assert result.score == pytest.approx(GOOD_SCORE)
-    assert time.monotonic() - start < 5 and server.counts["HUGEWAIT"] == 2
+    assert server.counts["HUGEWAIT"] == 2
+    assert sleeps == [pytest.approx(0.05)]  # Retry-After: 3600, capped at max_delay
 
 
-def test_backoff_grows_exponentially(stub: tuple[Stub, str]) -> None:
+def test_backoff_grows_exponentially(stub: tuple[Stub, str], sleeps: list[float]) -> None:
     server, url = stub
     result = judge_for(url, backoff=0.04, max_retries=3, api_key=KEY).score_prompts(["DOWN again"])[0]
     assert result.score is None and result.error is not None
     assert "4 attempts" in result.error and "503" in result.error
     assert KEY not in result.error
-    gaps = [b - a for a, b in zip(server.times["DOWN"], server.times["DOWN"][1:], strict=False)]
-    assert len(gaps) == 3
+    assert server.counts["DOWN"] == 4 and len(sleeps) == 3
     # waits are backoff * 2^attempt * U(0.5, 1.5): 0.02-0.06, 0.04-0.12, 0.08-0.24 s
-    assert gaps[0] >= 0.02 and gaps[2] >= 0.08 and gaps[2] > gaps[0]
+    for attempt, delay in enumerate(sleeps):
+        assert 0.04 * 2**attempt * 0.5 <= delay <= 0.04 * 2**attempt * 1.5
+    assert sleeps[0] < sleeps[2]
 
 
 def test_permanent_failure_is_recorded_per_item(stub: tuple[Stub, str]) -> None:
@@ -291,22 +337,26 @@ def test_permanent_failure_is_recorded_per_item(stub: tuple[Stub, str]) -> None:
 
 def test_concurrency_limit_is_honoured(stub: tuple[Stub, str]) -> None:
     server, url = stub
-    results = judge_for(url, concurrency=3).score_prompts([f"SLOW {i}" for i in range(12)])
+    assert server.gate == 3
+    # the server holds GATE requests until three are in flight at once: they can only pass if the client sends
+    # three concurrently, and the counter shows it never sends a fourth alongside
+    results = judge_for(url, concurrency=3).score_prompts([f"GATE {i}" for i in range(12)])
+    assert not server.guard_expired, "three requests were never in flight at once"
     assert all(r.score == pytest.approx(GOOD_SCORE) for r in results)
-    assert server.max_in_flight == 3
+    assert server.counts["GATE"] == 12 and server.max_in_flight == 3
 
 
 def test_timeouts_and_connection_errors_are_retried(stub: tuple[Stub, str]) -> None:
     server, url = stub
-    result = judge_for(url, timeout=0.3, max_retries=2).score_prompts(["HANG on"])[0]
-    assert result.score == pytest.approx(GOOD_SCORE)
-    assert server.counts["HANG"] == 2
+    # the first HANG request is answered only after the second arrives: the client must time out to get an answer
+    result = judge_for(url, timeout=1.0, max_retries=2).score_prompts(["HANG on"])[0]
+    assert not server.guard_expired, "the client never gave up on the hanging request"
+    assert result.score == pytest.approx(GOOD_SCORE) and result.error is None
+    assert server.counts["HANG"] == 2 and server.hang_retried.is_set()
     with background_server(FastAPI()) as gone:
         pass  # the port is free again: nothing listens there
-    start = time.monotonic()
-    failed = judge_for(gone, max_retries=2).score_prompts(["x"])[0]
+    failed = judge_for(gone, max_retries=2, timeout=5.0).score_prompts(["x"])[0]
     assert failed.score is None and "3 attempts" in (failed.error or "") and "Connect" in (failed.error or "")
-    assert time.monotonic() - start < 10
 
 
 def test_the_key_never_appears_in_errors_or_logs(stub: tuple[Stub, str], caplog: pytest.LogCaptureFixture) -> None:

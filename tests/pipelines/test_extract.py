@@ -132,6 +132,28 @@ def test_crash_mid_run_resumes_to_the_same_result(tmp_path: Path, model, monkeyp
         )
 
 
+def test_resume_after_a_crash_mid_rollouts_writes_each_record_once(tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
+    cfg = ExtractConfig(**CFG, threshold=0)
+    clean = extract(cfg, tmp_path / "clean", model=model, judge=PolarityJudge())
+    lines = (tmp_path / "clean" / "rollouts.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) == 12
+    # the state a crash after five rollouts leaves: the manifest and the first five records (one chunk, part done)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "manifest.json").write_text((tmp_path / "clean" / "manifest.json").read_text())
+    (crashed / "rollouts.jsonl").write_text("".join(lines[:5]))
+    judge = PolarityJudge()
+    resumed = extract(cfg, crashed, model=model, judge=judge)
+    assert (crashed / "rollouts.jsonl").read_text().splitlines(keepends=True) == lines  # no record twice
+    assert judge.calls == 12  # every rollout judged once
+    assert resumed.kept == clean.kept
+    for method in clean.vectors:
+        torch.testing.assert_close(
+            ps.PersonaVector.load(resumed.vectors[method]).directions,
+            ps.PersonaVector.load(clean.vectors[method]).directions,
+        )
+
+
 def test_too_few_survivors_is_a_clear_error(tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
     judge = PolarityJudge(coherence=10)
     with pytest.raises(PersonascopeError, match=r"too few rollouts survived.*--judge none"):

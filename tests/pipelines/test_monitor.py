@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import csv
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -75,18 +78,57 @@ def test_turn_spans_with_an_injected_default_system_prompt(model: Model) -> None
 def test_monitor_turns_match_prefix_projections(model: Model, tmp_path: Path) -> None:
     vec = _vector(model)
     rows = monitor_turns(model, [CHAT], vec, layers=[2])
-    assert len(rows) == 5
+    assert [(r.conversation, r.turn, r.kind, r.layer) for r in rows] == [
+        (0, 0, "prompt_last", 2),
+        (0, 0, "reply_mean", 2),
+        (0, 1, "prompt_last", 2),
+        (0, 1, "reply_mean", 2),
+        (0, 2, "prompt_last", 2),
+    ]
     # the projection before reply t equals the monitor projection of the conversation cut right there
     prefixes = [CHAT[:1], CHAT[:3], CHAT]
     expected = ps.project(model, prefixes, vec, layers=[2])[:, 0]
     before = [r.projection for r in rows if r.kind == "prompt_last"]
     torch.testing.assert_close(torch.tensor(before), expected, atol=1e-4, rtol=1e-4)
+    # and the reply's projection is the response mean of the conversation ending with that reply
+    replies = ps.project(model, [CHAT[:2], CHAT[:4]], vec, layers=[2], at="response_mean")[:, 0]
+    torch.testing.assert_close(
+        torch.tensor([r.projection for r in rows if r.kind == "reply_mean"]), replies, atol=1e-4, rtol=1e-4
+    )
     assert [r.text for r in rows if r.kind == "reply_mean"] == ["Hello! How can I help?", "Dogs are loyal animals."]
+    assert [r.text for r in rows if r.kind == "prompt_last"] == ["Hi there.", "Tell me about dogs.", "And cats?"]
     write_rows(rows, tmp_path / "rows.csv")
     write_rows(rows, tmp_path / "rows.jsonl")
-    assert (tmp_path / "rows.csv").read_text().count("\n") == 6
+    with (tmp_path / "rows.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert [(int(t["turn"]), t["kind"], t["text"]) for t in table] == [(r.turn, r.kind, r.text) for r in rows]
+    assert [float(t["projection"]) for t in table] == [r.projection for r in rows]
+    lines = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert lines == [asdict(r) for r in rows]
     with pytest.raises(PersonascopeError, match=r"\.csv or \.jsonl"):
         write_rows(rows, tmp_path / "rows.txt")
+
+
+def test_monitor_turns_default_layer_and_several_conversations(model: Model) -> None:
+    vec = _vector(model)
+    # without layers: the vector's chosen layer, and a clear error when it has none (no silent middle layer)
+    with pytest.raises(PersonascopeError, match=r"no chosen layer; pass --layers"):
+        monitor_turns(model, [CHAT], vec)
+    chosen = ps.PersonaVector(vec.directions, {**vec.metadata, "chosen_layer": 3})
+    rows = monitor_turns(model, [CHAT, CHAT[:2]], chosen, layers=None)
+    assert {r.layer for r in rows} == {3}
+    assert [r.conversation for r in rows] == [0] * 5 + [1] * 2
+    rows = monitor_turns(model, [CHAT[:2]], chosen, layers=None)
+    assert [(r.kind, r.layer) for r in rows] == [("prompt_last", 3), ("reply_mean", 3)]
+    both = monitor_turns(model, [CHAT[:2]], vec, layers=[1, 3])
+    assert [(r.kind, r.layer) for r in both] == [
+        ("prompt_last", 1),
+        ("prompt_last", 3),
+        ("reply_mean", 1),
+        ("reply_mean", 3),
+    ]
+    ref = ps.project(model, [CHAT[:1]], vec, layers=[1, 3])[0]
+    torch.testing.assert_close(torch.tensor([both[0].projection, both[1].projection]), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_monitor_rejects_other_models_vectors(model: Model) -> None:

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 import personascope as ps
 from personascope.errors import PersonascopeError
@@ -55,23 +59,95 @@ def test_points_for_both_designs() -> None:
         build_points("manyshot", trait, MonitorExperimentConfig(kind="manyshot", vector="x", shots=[500]))
 
 
+def _keep_figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Keep every Figure the report plots save (they are still written to disk)."""
+    import personascope.report.plots as plots
+
+    figures: list[Any] = []
+    real = plots._save
+
+    def keep(plt: Any, fig: Any, path: Any) -> Path:
+        figures.append(fig)
+        return real(plt, fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(stats.pearsonr(x, y).statistic)
+
+
 @pytest.mark.parametrize("kind", ["prompts", "manyshot"])
-def test_experiment_end_to_end(tmp_path: Path, model, kind: str) -> None:  # type: ignore[no-untyped-def]
+def test_experiment_end_to_end(tmp_path: Path, model, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    figures = _keep_figures(monkeypatch)
+    vector_path = _vector(model, tmp_path)
     cfg = MonitorExperimentConfig(
         kind=kind,
-        vector=str(_vector(model, tmp_path)),
+        vector=str(vector_path),
         n_questions=3,
         samples_per_question=1,
         max_new_tokens=4,
         shots=[0, 1, 2],
     )
     res = run_monitor_experiment(cfg, tmp_path / "run", model=model, judge=QuestionLengthJudge())
-    assert 1 <= res.best_layer <= model.num_layers
+    trait = load_trait("evil")
+    points = build_points(kind, trait, cfg)
+    n_groups = 8 if kind == "prompts" else 5  # 8 rungs, or 0 shots + 1 and 2 trait / control shots
+    assert len(points) == 3 * n_groups and res.n_points == len(points)
+
+    # reference: the judge's scores by hand from the rollouts, projections from raw captured activations
+    rollouts = [json.loads(x) for x in (tmp_path / "run" / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["point"] for r in rollouts] == [p.key for p in points]
+    y = np.array([len(r["question"]) + len(r["answer"]) % 7 for r in rollouts], dtype=float)
+    vec = ps.PersonaVector.load(vector_path)
+    acts = ps.capture(model, [p.conversation for p in points], reductions=["prompt_last"])["prompt_last"]
+    unit = vec.directions / vec.directions.norm(dim=-1, keepdim=True)
+    x = (acts * unit).sum(-1).numpy()  # [P, L+1]
+    r_by_layer = [_pearson(x[:, layer], y) for layer in range(model.num_layers + 1)]
     assert len(res.r_by_layer) == model.num_layers + 1
-    assert -1 <= res.r <= 1 and res.r_ci[0] <= res.r <= res.r_ci[1]
-    for name in ("points.csv", "scatter.png", "r_by_layer.png", "summary.json"):
-        assert (tmp_path / "run" / name).stat().st_size > 0
+    # layer 0 (the embeddings) sees the same last prompt token everywhere: left out, its r is only rounding noise
+    np.testing.assert_allclose(res.r_by_layer[1:], r_by_layer[1:], atol=1e-4)
+    best = 1 + int(np.nanargmax(r_by_layer[1:]))
+    assert res.best_layer == best and res.r == pytest.approx(r_by_layer[best], abs=1e-4)
+    assert res.r_ci[0] <= res.r <= res.r_ci[1]
+    groups = [p.group for p in points]
+    assert list(res.within) == list(dict.fromkeys(groups))
+    for g, r in res.within.items():
+        idx = [i for i, gg in enumerate(groups) if gg == g]
+        assert r == pytest.approx(_pearson(x[idx, best], y[idx]), abs=1e-4, nan_ok=True)
+    finite = [v for v in res.within.values() if not np.isnan(v)]
+    assert res.mean_within == pytest.approx(np.mean(finite) if finite else float("nan"), nan_ok=True)
+
+    with (tmp_path / "run" / "points.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert [row["point"] for row in table] == [p.key for p in points]
+    assert [row["group"] for row in table] == groups
+    np.testing.assert_allclose([float(row["trait_score"]) for row in table], y, atol=1e-3)
+    np.testing.assert_allclose([float(row[f"projection_layer_{best}"]) for row in table], x[:, best], atol=1e-3)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["best_layer"] == res.best_layer
+    assert summary["best_layer"] == best and summary["r"] == pytest.approx(res.r)
+    assert summary["n_points"] == len(points)
+
+    # the plots: the points of each group at (projection at the best layer, score); r against the layer
+    scatter, by_layer = figures
+    (ax,) = scatter.axes
+    assert ax.get_xlabel() == f"last-prompt-token projection (layer {best})"
+    assert ax.get_ylabel() == "trait score of the answers"
+    assert ax.get_title() == f"evil: {kind} (r = {r_by_layer[best]:.2f})"
+    assert [c.get_label() for c in ax.collections] == list(dict.fromkeys(groups))
+    for coll in ax.collections:
+        idx = [i for i, gg in enumerate(groups) if gg == coll.get_label()]
+        np.testing.assert_allclose(coll.get_offsets(), np.column_stack([x[idx, best], y[idx]]), atol=1e-4)
+    (ax,) = by_layer.axes
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("layer", "Pearson r", f"evil: {kind}, r by layer")
+    xy = ax.lines[0].get_xydata()
+    assert xy[:, 0].tolist() == list(range(model.num_layers + 1))
+    np.testing.assert_allclose(xy[:, 1], res.r_by_layer)
+
+    # resuming generates nothing new and reports the same
     again = run_monitor_experiment(cfg, tmp_path / "run", model=model, judge=QuestionLengthJudge())
-    assert again.r == pytest.approx(res.r)
+    assert (tmp_path / "run" / "rollouts.jsonl").read_text().count("\n") == len(points)
+    assert again.r == pytest.approx(res.r) and again.r_ci == pytest.approx(res.r_ci)

@@ -54,6 +54,19 @@ def test_planted_direction_is_recovered() -> None:
     assert abs(report.baselines["topic"].test_r) < 0.6
     assert math.isnan(report.baselines["topic"].loto_within_r)  # constant within each held-out topic
     assert len(report.rows()) == 2 * LAYERS + 1
+    # the best layer's test scores, recomputed: sklearn's standardised ridge at the chosen alpha, trained on train
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    split = np.array(splits)
+    tr, te = split == "train", split == "test"
+    x = feats[:, PLANTED]
+    pred = make_pipeline(StandardScaler(), Ridge(alpha=best.alpha)).fit(x[tr], y[tr]).predict(x[te])
+    assert best.test_r == pytest.approx(np.corrcoef(pred, y[te])[0, 1], abs=1e-9)
+    i, j = np.triu_indices(int(te.sum()), k=1)  # 300 pairs: all of them are scored
+    agree = np.sign(pred[i] - pred[j]) == np.sign(y[te][i] - y[te][j])
+    assert best.test_pair_acc == pytest.approx(agree.mean())
 
 
 def test_probe_predictions_match_sklearn() -> None:
@@ -122,6 +135,29 @@ def test_leave_one_topic_out_never_trains_on_the_held_topic() -> None:
     r_topic, _ = leave_one_topic_out(one_hot(topics), offset, topics, 1.0)
     assert not r_topic > 0.5
     assert math.isnan(leave_one_topic_out(x, y, ["a"] * 60, 1.0)[0])
+
+
+def test_leave_one_topic_out_matches_sklearn_refits() -> None:
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    feats, y, _, topics, _ = synthetic(5)
+    x = feats[:, PLANTED]
+    r, within = leave_one_topic_out(x, y, topics, 3.0)
+    held_out = np.zeros(N)
+    top = np.array(topics)
+    for name in sorted(set(topics)):
+        held = top == name
+        model = make_pipeline(StandardScaler(), Ridge(alpha=3.0)).fit(x[~held], y[~held])
+        held_out[held] = model.predict(x[held])
+        assert within[name] == pytest.approx(np.corrcoef(held_out[held], y[held])[0, 1], abs=1e-9)
+    assert list(within) == [f"topic{i}" for i in range(5)]
+    assert r == pytest.approx(np.corrcoef(held_out, y)[0, 1], abs=1e-9)
+    # and evaluate_probes reports it (pooled and the mean within-topic r) at the alpha it chose
+    report = evaluate_probes(feats, y, synthetic(5)[2], topics, layers=[0, 1, 2, 3], alphas=(3.0,), n_shuffles=1)
+    assert report.layers[PLANTED].loto_r == pytest.approx(r, abs=1e-9)
+    assert report.layers[PLANTED].loto_within_r == pytest.approx(np.mean(list(within.values())), abs=1e-9)
 
 
 def test_constant_features_give_an_undefined_r() -> None:

@@ -130,10 +130,13 @@ def test_agrees_with_choix_on_shared_variance_hard_choices() -> None:
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     # A tiny full-batch problem: extra torch threads only contend for the CPU (10x slower on a busy 2-core box).
+    # The autouse fixture in conftest.py restores the thread count too; this keeps the fixture safe on its own.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -5,13 +5,14 @@ import torch
 
 import personascope as ps
 from personascope.errors import PersonascopeError
+from personascope.residual import TokenSpans
 from personascope.residual.capture import roles_for
-from personascope.residual.positions import PROMPT, PROMPT_LAST, RESPONSE
 from personascope.testing import tiny_model
 from tests.conftest import CONV
+from tests.residual.helpers import checked_spans
 
 
-def read_residual(model, layer, ids, roles=None):  # type: ignore[no-untyped-def]
+def read_residual(model, layer, ids, roles=None, rows=None):  # type: ignore[no-untyped-def]
     """The residual at ``layer`` as the next module sees it: a forward pre-hook on block ``layer`` (or on the
     final norm for the last layer). Independent of the engine's own hooks."""
     seen = {}
@@ -22,7 +23,7 @@ def read_residual(model, layer, ids, roles=None):  # type: ignore[no-untyped-def
 
     handle = target.register_forward_pre_hook(pre, with_kwargs=True)
     try:
-        with torch.no_grad(), ps.token_roles(model, roles):
+        with torch.no_grad(), ps.token_roles(model, roles, rows):
             model.hf_model(input_ids=ids)
     finally:
         handle.remove()
@@ -38,24 +39,89 @@ def _inputs(model):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("positions", ["all", "prompt", "response", "last_prompt_and_response"])
 def test_add_changes_exactly_the_chosen_positions(llama, layer, positions) -> None:  # type: ignore[no-untyped-def]
     _, ids, roles = _inputs(llama)
+    wanted = checked_spans(llama, CONV).expected(positions)  # from decoded spans, not from the role function
     v = torch.randn(llama.hidden_size)
     before = read_residual(llama, layer, ids, roles)
+    below = read_residual(llama, layer - 1, ids, roles) if layer > 0 else None
     with ps.steering(llama, v, layer, 2.5, positions=positions):
         after = read_residual(llama, layer, ids, roles)
-    wanted = {
-        "all": {PROMPT, PROMPT_LAST, RESPONSE, 4},
-        "prompt": {PROMPT, PROMPT_LAST},
-        "response": {RESPONSE},
-        "last_prompt_and_response": {PROMPT_LAST, RESPONSE},
-    }[positions]
-    for t, role in enumerate(roles[0].tolist()):
-        delta = after[0, t] - before[0, t]
-        if role in wanted:
-            torch.testing.assert_close(delta, 2.5 * v, atol=1e-5, rtol=1e-5)
+        below_steered = read_residual(llama, layer - 1, ids, roles) if layer > 0 else None
+    changed = {t for t in range(ids.shape[1]) if not torch.equal(after[0, t], before[0, t])}
+    assert changed == wanted
+    for t in wanted:
+        torch.testing.assert_close(after[0, t] - before[0, t], 2.5 * v, atol=1e-5, rtol=1e-5)
+    if below is not None:  # the layer below is untouched while the steering is active
+        assert below_steered is not None and torch.equal(below_steered, below)
+
+
+def _pieces(h: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: the component along unit ``u`` (a scalar) and the orthogonal complement (a vector)."""
+    proj = h @ u
+    return proj, h - proj.unsqueeze(-1) * u
+
+
+POSITION_MODES = ["all", "prompt", "response", "last_prompt_and_response"]
+
+
+@pytest.mark.parametrize("positions", POSITION_MODES)
+def test_ablation_per_token(llama, positions) -> None:  # type: ignore[no-untyped-def]
+    _, ids, roles = _inputs(llama)
+    wanted = checked_spans(llama, CONV).expected(positions)
+    v = torch.randn(llama.hidden_size) * 3
+    u = v / v.norm()
+    before = read_residual(llama, 2, ids, roles)[0]
+    with ps.intervene(llama, [ps.Ablate(v, 2, positions=positions)]):
+        after = read_residual(llama, 2, ids, roles)[0]
+    proj_before, rest_before = _pieces(before, u)
+    proj_after, rest_after = _pieces(after, u)
+    for t in range(ids.shape[1]):
+        if t in wanted:
+            assert abs(float(proj_before[t])) > 1e-3  # there was something to remove
+            assert abs(float(proj_after[t])) < 1e-5  # the removed component is zero
+            torch.testing.assert_close(rest_after[t], rest_before[t], atol=1e-5, rtol=1e-5)  # the rest is kept
         else:
-            assert torch.equal(after[0, t], before[0, t])
-    if layer > 0:  # the layer below is untouched
-        assert torch.equal(read_residual(llama, layer - 1, ids, roles), read_residual(llama, layer - 1, ids, roles))
+            assert torch.equal(after[t], before[t])  # untouched positions are bit-identical
+
+
+@pytest.mark.parametrize("positions", POSITION_MODES)
+@pytest.mark.parametrize("side", ["upper", "lower"])
+def test_cap_per_token(llama, positions, side) -> None:  # type: ignore[no-untyped-def]
+    _, ids, roles = _inputs(llama)
+    wanted = checked_spans(llama, CONV).expected(positions)
+    v = torch.randn(llama.hidden_size)
+    u = v / v.norm()
+    before = read_residual(llama, 2, ids, roles)[0]
+    proj_before, rest_before = _pieces(before, u)
+    tau = float(proj_before.median())
+    with ps.intervene(llama, [ps.Cap(v, 2, tau, side, positions=positions)]):
+        after = read_residual(llama, 2, ids, roles)[0]
+    proj_after, rest_after = _pieces(after, u)
+    clamped = 0
+    for t in range(ids.shape[1]):
+        if t not in wanted:
+            assert torch.equal(after[t], before[t])
+            continue
+        p = float(proj_before[t])
+        expect = min(p, tau) if side == "upper" else max(p, tau)
+        clamped += expect != p
+        assert float(proj_after[t]) == pytest.approx(expect, abs=1e-4)
+        torch.testing.assert_close(rest_after[t], rest_before[t], atol=1e-5, rtol=1e-5)
+    if positions == "all":
+        assert clamped > 0  # the median threshold clamps about half the tokens
+
+
+def test_ablation_on_token_spans_leaves_other_tokens_bit_identical(llama) -> None:  # type: ignore[no-untyped-def]
+    _, ids, roles = _inputs(llama)
+    v = torch.randn(llama.hidden_size)
+    u = v / v.norm()
+    before = read_residual(llama, 1, ids, roles)[0]
+    with ps.intervene(llama, [ps.Ablate(v, 1, positions=TokenSpans([[(2, 5), (7, 8)]]))]):
+        after = read_residual(llama, 1, ids, roles, rows=torch.tensor([0]))[0]
+    for t in range(ids.shape[1]):
+        if t in {2, 3, 4, 7}:
+            assert abs(float(after[t] @ u)) < 1e-5
+        else:
+            assert torch.equal(after[t], before[t])
 
 
 def test_capture_and_steering_touch_the_same_tensor(llama) -> None:  # type: ignore[no-untyped-def]

@@ -79,7 +79,9 @@ def generate(
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     vector: Annotated[Path | None, typer.Option(help="PersonaVector file (.safetensors) to steer with.")] = None,
     layer: Annotated[int | None, typer.Option(help="Steering layer (default: the vector's chosen layer).")] = None,
-    coef: Annotated[float, typer.Option(help="Steering coefficient.")] = 0.0,
+    coef: Annotated[
+        float | None, typer.Option(help="Steering coefficient (default: the vector's chosen coefficient).")
+    ] = None,
     positions: Annotated[str, typer.Option(help="all | prompt | response | last_prompt_and_response")] = "all",
     max_new_tokens: Annotated[int, typer.Option()] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
@@ -90,20 +92,19 @@ def generate(
     """Generate replies, optionally steered by a persona vector."""
     import personascope as ps
     from personascope.residual.positions import check_positions
+    from personascope.residual.steering import check_choices
 
     check_positions(positions)
+    if vector is None and (layer is not None or coef is not None):
+        raise PersonascopeError("--layer and --coef need --vector")
     steer_vec = ps.PersonaVector.load(vector) if vector is not None else None
-    if steer_vec is None and layer is not None:
-        raise PersonascopeError("--layer needs --vector")
+    if steer_vec is not None:
+        check_choices(steer_vec, layer, coef, source=str(vector))
     m = ps.load_model(model, device=device)
     interventions = []
     if steer_vec is not None:
-        steer_vec.check_compatible(m)
-        chosen = layer if layer is not None else steer_vec.chosen_layer
-        if chosen is None:
-            raise PersonascopeError(f"{vector} has no chosen layer; pass --layer")
-        direction = ps.residual.resolve_direction(m, steer_vec, chosen)
-        interventions.append(ps.Add(direction, chosen, coef, positions))  # type: ignore[arg-type]
+        steer = ps.Steering.from_vector(m, steer_vec, layer, coef, positions, source=str(vector))
+        interventions = steer.interventions()
     convs = [
         ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}] for p in prompt
     ]

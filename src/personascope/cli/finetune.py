@@ -126,7 +126,9 @@ def finetune(
         Path | None, typer.Option(help="CAFT: project v[LAYER] out of the residual stream during training.")
     ] = None,
     layer: Annotated[int | None, typer.Option(help="Layer for --steer/--ablate (default: the vector's).")] = None,
-    coef: Annotated[float, typer.Option(help="Coefficient for --steer.")] = 0.0,
+    coef: Annotated[
+        float | None, typer.Option(help="Coefficient for --steer (default: the vector's chosen coefficient).")
+    ] = None,
     positions: Annotated[str, typer.Option(help="Positions for --steer/--ablate.")] = "all",
     device: Annotated[str | None, typer.Option(help="torch device (default: cuda if available).")] = None,
     overwrite: Overwrite = False,
@@ -137,7 +139,7 @@ def finetune(
     from personascope.finetune.train import FinetuneConfig
     from personascope.finetune.train import finetune as run_finetune
 
-    if coef != 0.0 and steer is None:
+    if coef is not None and steer is None:
         raise PersonascopeError("--coef needs --steer")
     cfg = FinetuneConfig(
         dataset=str(dataset),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -49,7 +49,7 @@ def serve(
     """
     import personascope as ps
     from personascope.residual.positions import check_positions
-    from personascope.server import Steering
+    from personascope.residual.steering import Steering, check_choices
     from personascope.server import serve as run_server
 
     check_positions(positions)
@@ -59,15 +59,20 @@ def serve(
         raise PersonascopeError(f"--port must be between 0 and 65535, got {port}")
     if max_tokens_limit < 1:
         raise PersonascopeError(f"--max-tokens-limit must be at least 1, got {max_tokens_limit}")
+    steer_vec = ps.PersonaVector.load(vector) if vector is not None else None
+    if steer_vec is not None:
+        check_choices(steer_vec, layer, coef, source=str(vector))
     m = ps.load_model(model, device=device)
-    steering = Steering.from_file(m, vector, layer=layer, coef=coef, positions=positions) if vector else None
+    steering = None
+    if steer_vec is not None:
+        steering = Steering.from_vector(m, steer_vec, layer, coef, positions, source=str(vector))
     if not _is_loopback(host):
         typer.echo(
             f"warning: listening on {host} makes the model reachable from the network without authentication",
             err=True,
         )
     served = model_id or model
-    steer_note = f", steered at layer {steering.layer} with coef {steering.coef:g}" if steering else ""
+    steer_note = f", steered with {_describe(steering)}" if steering else ""
     typer.echo(f"serving {served} on http://{host}:{port}/v1{steer_note}", err=True)
     run_server(
         m,
@@ -78,3 +83,10 @@ def serve(
         max_tokens_limit=max_tokens_limit,
         log_level=log_level,
     )
+
+
+def _describe(steering: Any) -> str:
+    d = steering.describe()
+    if "layer" in d:
+        return f"coef {d['coef']:g} at layer {d['layer']}"
+    return f"coefs {d['coefs']} at layers {d['layers']}"

@@ -154,16 +154,14 @@ def steer(
     """Chat with (or answer prompts from) a model steered by a persona vector."""
     import personascope as ps
     from personascope.residual.positions import check_positions
+    from personascope.residual.steering import check_choices
 
     check_positions(positions)
     vec = ps.PersonaVector.load(vector)
-    chosen_layer = layer if layer is not None else vec.chosen_layer
-    chosen_coef = coef if coef is not None else vec.metadata.get("chosen_coef")
-    if chosen_layer is None or chosen_coef is None:
-        raise PersonascopeError(f"{vector} has no chosen layer/coefficient yet; pass --layer and --coef or run sweep")
+    check_choices(vec, layer, coef, source=str(vector))
     m = ps.load_model(model)
-    direction = ps.residual.resolve_direction(m, vec, chosen_layer)
-    steering = [ps.Add(direction, chosen_layer, float(chosen_coef), positions)]  # type: ignore[arg-type]
+    steer = ps.Steering.from_vector(m, vec, layer, coef, positions, source=str(vector))
+    steering = steer.interventions()
     head = [{"role": "system", "content": system}] if system else []
     if prompt:
         gens = ps.generate(
@@ -179,7 +177,7 @@ def steer(
         return
     history = list(head)
     typer.echo(
-        f"steering {vec.trait or 'vector'} at layer {chosen_layer}, coef {chosen_coef}; empty line quits", err=True
+        f"steering {vec.trait or 'vector'} at layer {steer.layer}, coef {steer.coef:g}; empty line quits", err=True
     )
     for turn, line in enumerate(sys.stdin):
         if not line.strip():

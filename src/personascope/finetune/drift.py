@@ -39,6 +39,7 @@ from personascope.finetune.datasets import DOMAINS, LEVELS, BuildConfig, build_d
 from personascope.finetune.evaluate import EvalCell, EvaluateConfig, evaluate_finetune, finetune_shift
 from personascope.finetune.screen import ScreenConfig, screen_dataset
 from personascope.finetune.train import FinetuneConfig, finetune, total_steps
+from personascope.residual.steering import chosen_layers
 
 if TYPE_CHECKING:
     from personascope.judges import Judge
@@ -222,10 +223,7 @@ def drift_experiment(
     for k, vpath in enumerate(cfg.vectors):
         vec = PersonaVector.load(vpath)
         vec.check_compatible(base)
-        layer = cfg.layers[k] if cfg.layers is not None else vec.chosen_layer
-        if layer is None:
-            raise PersonascopeError(f"{vpath} has no chosen layer; pass --layer (one per vector)")
-        base.check_layer(layer)
+        layer = chosen_layers(base, vec, cfg.layers[k] if cfg.layers is not None else None, source=vpath)[0]
         if not vec.trait:
             raise PersonascopeError(f"{vpath} names no trait; the experiment scores the vector's trait")
         vectors.append((vpath, vec, layer, load_trait(vec.trait)))

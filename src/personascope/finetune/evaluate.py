@@ -32,8 +32,9 @@ import torch
 from personascope.errors import PersonascopeError
 from personascope.models.chat import Conversation
 from personascope.residual.capture import capture
-from personascope.residual.interventions import Add, Intervention, intervene, resolve_direction
+from personascope.residual.interventions import Intervention, intervene
 from personascope.residual.positions import check_positions
+from personascope.residual.steering import Steering
 
 if TYPE_CHECKING:
     from personascope.models.loading import Model
@@ -333,11 +334,9 @@ def evaluate_finetune(
     vector = PersonaVector.load(cfg.vector)
     trait = load_trait(cfg.trait or vector.trait or "")
     base_model = base if base is not None else load_model(cfg.model or manifest["base_model"])
-    vector.check_compatible(base_model)
-    layer = cfg.layer if cfg.layer is not None else vector.chosen_layer
-    if layer is None:
-        raise PersonascopeError(f"{cfg.vector} has no chosen layer; pass --layer")
-    base_model.check_layer(layer)
+    # post-hoc steering subtracts c·v for each of cfg.coefs: the policy resolves the layer, the unit is coef 1
+    unit = Steering.from_vector(base_model, vector, cfg.layer, 1.0, cfg.positions, source=str(cfg.vector))
+    layer = unit.layer
     tuned_model = tuned if tuned is not None else load_finetuned(base_model, cfg.finetune)
     judge_spec = cfg.judge or f"contrast:{cfg.model or manifest['base_model']}"
     coefs = sorted({float(c) for c in cfg.coefs} | {0.0})
@@ -351,7 +350,6 @@ def evaluate_finetune(
     run = RunDir(out, config, overwrite=overwrite, kind="evaluate")
     run.note("model_fingerprint", base_model.fingerprint())
     judge_obj = judge if judge is not None else build_judge(judge_spec, model=base_model)
-    direction = resolve_direction(tuned_model, vector, layer)
     questions = trait.evaluation_questions[: cfg.n_questions]
 
     def jobs(who: str, coef_list: list[float]) -> list[Job]:
@@ -369,7 +367,7 @@ def evaluate_finetune(
         ]
 
     def steer(coef_rows: torch.Tensor) -> list[Intervention]:
-        return [Add(direction, layer, coef_rows, check_positions(cfg.positions))]
+        return unit.with_coef(coef_rows).interventions()
 
     gen_kwargs: dict[str, Any] = dict(
         max_new_tokens=cfg.max_new_tokens,
@@ -393,7 +391,7 @@ def evaluate_finetune(
         for who, m, c in cells_todo:
             key = f"{who}|{c:g}"
             if key not in done:
-                adders = [Add(direction, layer, -c, check_positions(cfg.positions))] if who == "finetuned" else []
+                adders = unit.with_coef(-c).interventions() if who == "finetuned" else []
                 res = mcq_accuracy(m, items, interventions=adders, batch_size=cfg.batch_size, progress=False)
                 run.append("mcq", [{"key": key, "accuracy": res.accuracy, "n": res.n, "by_subject": res.by_subject}])
                 done[key] = res.accuracy

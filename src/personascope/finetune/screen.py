@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from personascope.errors import PersonascopeError
 from personascope.finetune.datasets import ChatExample, dataset_digest, load_chat_jsonl, split_prompt
 from personascope.residual.capture import capture
+from personascope.residual.steering import chosen_layers
 
 if TYPE_CHECKING:
     from personascope.models.loading import Model
@@ -161,10 +162,7 @@ def screen_dataset(
     vector = PersonaVector.load(cfg.vector)
     m = model if model is not None else load_model(cfg.model)
     vector.check_compatible(m)
-    layer = cfg.layer if cfg.layer is not None else vector.chosen_layer
-    if layer is None:
-        raise PersonascopeError(f"{cfg.vector} has no chosen layer; pass --layer")
-    m.check_layer(layer)
+    layer = chosen_layers(m, vector, cfg.layer, source=str(cfg.vector))[0]
     threshold = cfg.threshold if cfg.threshold is not None else 0.5 * float(vector.directions[layer].norm())
     split = [split_prompt(ex.messages) for ex in examples]
     reference = _reference_answers(cfg.reference, examples) if cfg.reference else None

@@ -49,8 +49,9 @@ from personascope.finetune.datasets import (
     load_chat_jsonl,
     tokenize_examples,
 )
-from personascope.residual.interventions import Ablate, Add, Intervention, intervene
+from personascope.residual.interventions import Ablate, Intervention, intervene
 from personascope.residual.positions import PAD, PROMPT, PROMPT_LAST, RESPONSE, check_positions, token_roles
+from personascope.residual.steering import Steering
 
 if TYPE_CHECKING:
     from personascope.models.loading import Model
@@ -75,9 +76,10 @@ DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 class FinetuneConfig:
     """Everything that defines a finetuning run (a run directory resumes only with the same config).
 
-    ``steer``/``ablate`` name a PersonaVector file; ``layer`` defaults to the vector's chosen layer. With
-    ``steer``, ``coef · v[layer]`` is added at ``positions`` during every training forward pass; with ``ablate``,
-    the component along ``v[layer]`` is removed there.
+    ``steer``/``ablate`` name a PersonaVector file; ``layer`` defaults to the vector's chosen layer and, with
+    ``steer``, ``coef`` to its chosen coefficient (:meth:`~personascope.residual.Steering.from_vector`; a missing one
+    is an error, never a silent 0). With ``steer``, ``coef · v[layer]`` is added at ``positions`` during every
+    training forward pass; with ``ablate``, the component along ``v[layer]`` is removed there.
     """
 
     dataset: str
@@ -103,7 +105,7 @@ class FinetuneConfig:
     steer: str | None = None
     ablate: str | None = None
     layer: int | None = None
-    coef: float = 0.0
+    coef: float | None = None
     positions: str = "all"
 
     def resolved(self) -> FinetuneConfig:
@@ -123,6 +125,8 @@ class FinetuneConfig:
             raise PersonascopeError("choose --steer or --ablate, not both")
         if out.layer is not None and not (out.steer or out.ablate):
             raise PersonascopeError("--layer needs --steer or --ablate")
+        if out.coef is not None and not out.steer:
+            raise PersonascopeError("--coef needs --steer")
         if isinstance(out.target_modules, str) and out.target_modules != "all-linear":
             out.target_modules = [m.strip() for m in out.target_modules.split(",") if m.strip()]
         if not out.target_modules:
@@ -154,7 +158,7 @@ def training_interventions(
     steer: torch.Tensor | None = None,
     ablate: torch.Tensor | None = None,
     layer: int | None = None,
-    coef: float = 0.0,
+    coef: float | None = None,
     positions: str = "all",
 ) -> list[Intervention]:
     """The engine interventions a training forward pass runs under: ``Add(coef · steer)`` or ``Ablate(ablate)``."""
@@ -162,10 +166,12 @@ def training_interventions(
         return []
     if layer is None:
         raise PersonascopeError("steering or ablating during training needs a layer")
+    if steer is not None:
+        if coef is None:
+            raise PersonascopeError("steering during training needs a coefficient (--coef)")
+        return Steering.from_vector(model, steer.detach().float(), layer, coef, positions).interventions()
     model.check_layer(layer)
     pos = check_positions(positions)
-    if steer is not None:
-        return [Add(steer.detach().float(), layer, float(coef), pos)]
     assert ablate is not None
     return [Ablate(ablate.detach().float(), layer, pos)]
 
@@ -409,16 +415,22 @@ def _label(folder: Path) -> str:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def _load_vector_direction(path: str, model: Model, layer: int | None) -> tuple[torch.Tensor, int, str]:
+def _training_vector(cfg: FinetuneConfig, model: Model) -> tuple[torch.Tensor, int, float | None, str]:
+    """The direction, layer and (for ``steer``) coefficient a run trains with, by the one steering policy."""
+    from personascope.residual.steering import chosen_layers
     from personascope.vectors import PersonaVector
 
+    path = str(cfg.steer or cfg.ablate)
     vector = PersonaVector.load(path)
+    if cfg.steer:
+        steering = Steering.from_vector(model, vector, cfg.layer, cfg.coef, cfg.positions, source=path)
+        return steering.directions[0].clone(), steering.layer, float(steering.coef), dataset_digest(path)
     vector.check_compatible(model)
-    chosen = layer if layer is not None else vector.chosen_layer
-    if chosen is None:
-        raise PersonascopeError(f"{path} has no chosen layer; pass --layer")
-    model.check_layer(chosen)
-    return vector.directions[chosen].clone(), chosen, dataset_digest(path)
+    layer = chosen_layers(model, vector, cfg.layer, source=path)[0]
+    direction = vector.directions[layer]
+    if not bool(torch.isfinite(direction).all()) or float(direction.norm()) == 0:
+        raise PersonascopeError(f"{path} is zero or non-finite at layer {layer}; CAFT needs a real direction")
+    return direction.clone(), layer, None, dataset_digest(path)
 
 
 def _plan(n: int, batch_size: int, grad_accum: int, epochs: int, seed: int) -> list[tuple[int, list[list[int]]]]:
@@ -492,9 +504,10 @@ def finetune(
     base_fp = base.fingerprint()
     steer_dir = ablate_dir = None
     layer = cfg.layer
+    coef = cfg.coef
     vector_digest = None
     if cfg.steer or cfg.ablate:
-        direction, layer, vector_digest = _load_vector_direction(str(cfg.steer or cfg.ablate), base, cfg.layer)
+        direction, layer, coef, vector_digest = _training_vector(cfg, base)
         if cfg.steer:
             steer_dir = direction
         else:
@@ -503,6 +516,7 @@ def finetune(
         "dataset_sha256": dataset_digest(cfg.dataset),
         "vector_sha256": vector_digest,
         "resolved_layer": layer,
+        "resolved_coef": coef,
         "base_fingerprint": base_fp,
     }
     run = RunDir(out, config, overwrite=overwrite, kind="finetune")
@@ -533,7 +547,7 @@ def finetune(
     data, stats = tokenize_examples(tuned, examples, max_length=cfg.max_length, label_end_token=cfg.label_end_token)
     run.note("data", stats)
     interventions = training_interventions(
-        tuned, steer=steer_dir, ablate=ablate_dir, layer=layer, coef=cfg.coef, positions=cfg.positions
+        tuned, steer=steer_dir, ablate=ablate_dir, layer=layer, coef=coef, positions=cfg.positions
     )
     named = [(n, p) for n, p in hf.named_parameters() if p.requires_grad]
     assert cfg.lr is not None
@@ -607,9 +621,7 @@ def finetune(
         "hidden_size": base.hidden_size,
         "dataset": str(cfg.dataset),
         "dataset_sha256": config["dataset_sha256"],
-        "steer": {"vector": cfg.steer, "layer": layer, "coef": cfg.coef, "positions": cfg.positions}
-        if cfg.steer
-        else None,
+        "steer": {"vector": cfg.steer, "layer": layer, "coef": coef, "positions": cfg.positions} if cfg.steer else None,
         "ablate": {"vector": cfg.ablate, "layer": layer, "positions": cfg.positions} if cfg.ablate else None,
         "steps": steps_done,
         "final_loss": last_loss,

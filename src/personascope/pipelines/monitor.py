@@ -21,6 +21,7 @@ import torch
 from personascope.errors import PersonascopeError
 from personascope.models.chat import Conversation, FormattedConversation
 from personascope.residual.capture import capture, capture_spans, format_all
+from personascope.residual.steering import chosen_layers
 from personascope.vectors import PersonaVector
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def monitor_turns(
 ) -> list[TurnProjection]:
     """One row per conversation, turn, kind and layer (see the module docstring)."""
     vector.check_compatible(model)
-    layer_list = list(layers) if layers is not None else [vector.chosen_layer or model.num_layers // 2]
+    layer_list = chosen_layers(model, vector, list(layers) if layers is not None else None, flag="--layers")
     formatted = format_all(model, conversations)
     rows: list[TurnProjection] = []
     for i, (conv, fc) in enumerate(zip(conversations, formatted, strict=True)):

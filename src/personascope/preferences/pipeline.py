@@ -49,6 +49,7 @@ from personascope.preferences.probes import DEFAULT_ALPHAS, FeatureScore, ProbeR
 from personascope.preferences.steer import SteerPoint, random_direction, steered_choice_probs, swing
 from personascope.preferences.tasks import Task, load_tasks, topics
 from personascope.preferences.thurstonian import fit_thurstonian, holdout_evaluate
+from personascope.residual.steering import chosen_layers
 from personascope.runs import MANIFEST, RunDir
 
 if TYPE_CHECKING:
@@ -907,10 +908,11 @@ def run_steer(
     m = prefs.load_model(model, device)
     vector = PersonaVector.load(vec_path)
     vector.check_compatible(m)
-    chosen = vector.chosen_layer if vector.chosen_layer is not None else m.num_layers // 2
-    layer_list = list(layers) if layers else sorted({chosen, round(m.num_layers / 3), round(2 * m.num_layers / 3)})
-    for layer in layer_list:
-        m.check_layer(layer)
+    if layers:
+        layer_list = chosen_layers(m, vector, list(layers), source=str(vec_path))
+    else:  # the probe's own best layer plus one third and two thirds of the way up
+        chosen = chosen_layers(m, vector, None, source=str(vec_path), flag="--layers")[0]
+        layer_list = sorted({chosen, round(m.num_layers / 3), round(2 * m.num_layers / 3)})
     acts = task_activations(prefs, m, who, batch_size)
     norms = {layer: float(acts[:, layer].norm(dim=-1).mean()) for layer in layer_list}
     utils = load_utilities(prefs, who.name)

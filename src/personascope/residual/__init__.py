@@ -13,9 +13,9 @@ from personascope.residual.interventions import (
     Intervention,
     intervene,
     resolve_direction,
-    steering,
 )
 from personascope.residual.positions import POSITIONS, Positions, TokenSpans, token_roles
+from personascope.residual.steering import Steering, steering
 
 __all__ = [
     "POSITIONS",
@@ -25,6 +25,7 @@ __all__ = [
     "Cap",
     "Intervention",
     "Positions",
+    "Steering",
     "TokenSpans",
     "add_site_hook",
     "capture",

@@ -169,17 +169,3 @@ def resolve_direction(model: Model, vector: PersonaVector | torch.Tensor, layer:
             )
         return vector[layer]
     return vector
-
-
-@contextmanager
-def steering(
-    model: Model,
-    vector: PersonaVector | torch.Tensor,
-    layer: int,
-    coef: float | torch.Tensor,
-    positions: Positions = "all",
-) -> Iterator[None]:
-    """Add ``coef · v[layer]`` to the residual stream at ``layer`` inside the ``with`` block."""
-    direction = resolve_direction(model, vector, layer)
-    with intervene(model, [Add(direction, layer, coef, positions)]):
-        yield
