@@ -1,20 +1,30 @@
-"""Run directories: a manifest, append-only JSONL records, resume after a crash.
+"""Run directories: a manifest, append-only JSONL records, named restartable steps, resume after a crash.
 
 A run directory holds ``manifest.json`` (the config that defines the run, library versions, seeds, the model's
 fingerprint, and the status of each step) and any number of ``NAME.jsonl`` record files. Records are appended
-one line each, flushed and fsynced; every record carries a ``key``. Re-opening a run with the same config resumes
-it: a final line left half-written by a crash (``kill -9``) is cut off on open, records are de-duplicated by key
-(first one wins), and pipelines skip keys that are already done. ``overwrite=True`` starts afresh.
+one line each, flushed and fsynced; every record carries a ``key``. Re-opening a run resumes it: a final line left
+half-written by a crash (``kill -9``) is cut off on open, records are de-duplicated by key (first one wins), and
+pipelines skip keys that are already done. ``overwrite=True`` starts afresh.
+
+**Steps.** A pipeline that passes ``steps`` (a sequence of :class:`Step`, in order) is resumed step by step instead
+of as a whole: each step declares the inputs its output depends on (besides the steps before it), and the manifest
+records a digest of them chained through the earlier steps. Re-opening with changed inputs keeps every step before
+the first changed one and sets aside the outputs of that step and all after it (moved to ``stale/<time>/``, never
+deleted), so e.g. a new filter threshold re-filters without generating or judging again, while a new sampling
+temperature redoes the rollouts. ``rerun_from="STEP"`` forces that step and the ones after it.
+Without ``steps`` the whole config must match, as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import shutil
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +48,50 @@ def versions() -> dict[str, str]:
     }
 
 
-class RunDir:
-    """A resumable run directory. ``config`` must be JSON-serialisable; it decides whether a run can resume."""
+@dataclass(frozen=True)
+class Step:
+    """One named step of a pipeline: the JSON-serialisable ``inputs`` its output depends on (beyond the steps
+    before it) and the ``outputs`` it writes, as names relative to the run directory (``"rollouts.jsonl"``,
+    ``"vectors"``), which are set aside when the step must run again."""
 
-    def __init__(self, path: str | Path, config: Mapping[str, Any], *, overwrite: bool = False, kind: str = "run"):
+    name: str
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+class RunDir:
+    """A resumable run directory. ``config`` must be JSON-serialisable; with ``steps`` (see the module docs) each
+    step resumes on its own inputs, without them the whole ``config`` decides whether a run can resume."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        config: Mapping[str, Any],
+        *,
+        overwrite: bool = False,
+        kind: str = "run",
+        steps: Sequence[Step] | None = None,
+        rerun_from: str | None = None,
+    ):
         self.path = Path(path)
         self.config = json.loads(json.dumps(dict(config)))
+        self.steps = list(steps) if steps is not None else None
+        #: steps whose outputs were set aside on open (their inputs changed, or ``rerun_from``), in order
+        self.rerun: list[str] = []
+        #: for each re-run step, the inputs that changed (empty when forced)
+        self.changed: dict[str, list[str]] = {}
+        if self.steps is not None:
+            names = [st.name for st in self.steps]
+            if len(set(names)) != len(names):
+                raise PersonascopeError(f"step names must be unique, got {names}")
+            if rerun_from is not None and rerun_from not in names:
+                raise PersonascopeError(f"unknown step '{rerun_from}' for --from; use one of {', '.join(names)}")
+        elif rerun_from is not None:
+            raise PersonascopeError("--from needs a pipeline with named steps")
         manifest_path = self.path / MANIFEST
         if self.path.exists() and overwrite:
             if manifest_path.is_file() or not any(self.path.iterdir()):
@@ -55,12 +103,18 @@ class RunDir:
         if manifest_path.is_file():
             self.manifest = self._read_manifest(manifest_path)
             old = self.manifest.get("config", {})
-            if old != self.config:
+            if (self.steps is None or not self._has_digests()) and old != self.config:
                 diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+                hint = " or --from STEP to redo part of it" if self.steps is not None else ""
                 raise PersonascopeError(
                     f"{self.path} holds a run with a different config ({', '.join(diff)} differ); "
-                    "pass --overwrite to start afresh or choose another --out"
+                    f"pass --overwrite to start afresh{hint} or choose another --out"
                 )
+            if self.steps is not None and self.manifest.get("kind", kind) != kind:
+                raise PersonascopeError(
+                    f"{self.path} holds a {self.manifest.get('kind')} run, not a {kind} run; choose another --out"
+                )
+            self.manifest["config"] = self.config
             self.manifest["resumed"] = int(self.manifest.get("resumed", 0)) + 1
         else:
             if self.path.exists() and any(self.path.iterdir()):
@@ -74,7 +128,68 @@ class RunDir:
                 "steps": {},
                 "resumed": 0,
             }
+        if self.steps is not None:
+            self._reconcile(rerun_from)
         self.save_manifest()
+
+    # ------------------------------------------------------------------ steps
+    def _has_digests(self) -> bool:
+        """Whether the manifest records step digests (older personascope versions wrote only statuses)."""
+        return any(isinstance(v, dict) and "digest" in v for v in self.manifest.get("steps", {}).values())
+
+    def _reconcile(self, rerun_from: str | None) -> None:
+        """Record each step's chained input digest; set aside the outputs of the first changed step and after."""
+        assert self.steps is not None
+        recorded: dict[str, Any] = self.manifest.setdefault("steps", {})
+        legacy = bool(recorded) and not self._has_digests()  # an older run whose whole config matched
+        chain = ""
+        stale_from: int | None = None
+        digests = []
+        for k, st in enumerate(self.steps):
+            inputs = json.loads(json.dumps(dict(st.inputs)))
+            chain = _digest({"previous": chain, "inputs": inputs})
+            digests.append((chain, inputs))
+            if stale_from is not None or legacy:
+                continue
+            old = recorded.get(st.name)
+            if st.name == rerun_from:
+                stale_from = k
+                self.changed[st.name] = []
+            elif isinstance(old, dict) and old.get("digest") not in (None, chain):
+                stale_from = k
+                before = old.get("inputs", {})
+                self.changed[st.name] = sorted(
+                    x for x in set(before) | set(inputs) if before.get(x) != inputs.get(x)
+                ) or ["an earlier step"]
+        if stale_from is not None:
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            aside = self.path / "stale" / stamp
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = self.path / "stale" / f"{stamp}-{n}"
+            for st in self.steps[stale_from:]:
+                self.rerun.append(st.name)
+                self.changed.setdefault(st.name, ["an earlier step"])
+                recorded.pop(st.name, None)
+                for name in st.outputs:
+                    src = self.path / name
+                    if src.exists():
+                        aside.mkdir(parents=True, exist_ok=True)
+                        os.replace(src, aside / name)
+        for st, (digest, inputs) in zip(self.steps, digests, strict=True):
+            entry = recorded.setdefault(st.name, {"status": "pending"})
+            entry["digest"], entry["inputs"] = digest, inputs
+
+    def describe_rerun(self) -> str | None:
+        """One line saying which steps run again and why (``None`` when nothing was set aside)."""
+        if not self.rerun:
+            return None
+        first = self.rerun[0]
+        changed = self.changed.get(first, [])
+        why = f"{first}: {', '.join(changed)} changed" if changed else f"asked with --from {first}"
+        where = self.path / "stale"
+        return f"re-running {' → '.join(self.rerun)} ({why}); old outputs kept under {where}"
 
     @staticmethod
     def _read_manifest(path: Path) -> dict[str, Any]:
@@ -97,7 +212,9 @@ class RunDir:
         self.save_manifest()
 
     def step(self, name: str, status: str, **info: Any) -> None:
-        self.manifest.setdefault("steps", {})[name] = {"status": status, **info}
+        steps = self.manifest.setdefault("steps", {})
+        kept = {k: v for k, v in steps.get(name, {}).items() if k in ("digest", "inputs")}
+        steps[name] = {"status": status, **info, **kept}
         self.save_manifest()
 
     def step_done(self, name: str) -> bool:

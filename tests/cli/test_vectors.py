@@ -74,7 +74,12 @@ def test_extract_resumes(tmp_path: Path, model_dir: Path, capsys) -> None:  # ty
     assert run(argv) == 0
     assert (tmp_path / "x" / "rollouts.jsonl").read_text() == first
     capsys.readouterr()
-    one_line_error(capsys, run([*argv[:-2], "--max-new-tokens", "5"]), "different config")
+    # a setting the rollouts depend on redoes them (and what follows); the old ones are kept aside
+    assert run([*argv[:-2], "--max-new-tokens", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "re-running rollouts → scores → filter → vectors (rollouts: max_new_tokens changed)" in err
+    (aside,) = (tmp_path / "x" / "stale").iterdir()
+    assert (aside / "rollouts.jsonl").read_text() == first
 
 
 @pytest.mark.parametrize(
@@ -99,3 +104,18 @@ def test_sweep_and_steer_bad_input(tmp_path, model_dir, capsys) -> None:  # type
     wrong = PersonaVector(torch.randn(9, 16), {"model_name": "x", "trait": "evil"}).save(tmp_path / "w.safetensors")
     code = run(["steer", "-v", str(wrong), "-m", str(model_dir), "-p", "hi", "--layer", "1", "--coef", "1"])
     one_line_error(capsys, code, "does not fit")
+
+
+def test_extract_from_step_on_the_command_line(tmp_path: Path, model_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "extract"
+    argv = ["extract", "evil", "-m", str(model_dir), "--judge", "none", "-o", str(out), *SMALL]
+    assert run(argv) == 0, capsys.readouterr().err
+    rollouts = (out / "rollouts.jsonl").read_text()
+    capsys.readouterr()
+    assert run([*argv, "--from", "filter"]) == 0
+    err = capsys.readouterr().err
+    assert f"re-running filter → vectors (asked with --from filter); old outputs kept under {out / 'stale'}" in err
+    assert (out / "rollouts.jsonl").read_text() == rollouts
+    code = run([*argv, "--from", "judging"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "error: unknown step 'judging' for --from; use one of rollouts, scores, filter, vectors"

@@ -219,7 +219,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "resume re-appends finished jobs",
         "pipelines/common.py",
-        (("                if job.key in done:\n                    continue\n", ""),),
+        (
+            (
+                "for i, j in enumerate(jobs[start : start + chunk]) if j.key not in done]",
+                "for i, j in enumerate(jobs[start : start + chunk])]",
+            ),
+        ),
         ("tests/pipelines/test_extract.py", "tests/test_runs.py"),
     ),
     Mutant(

@@ -204,3 +204,106 @@ def test_quick_extraction_on_the_bundled_model(tmp_path: Path, bundled) -> None:
     vec.check_compatible(bundled)
     assert vec.metadata["judge"] == "contrast:smollm2-135m-instruct"
     assert torch.isfinite(vec.directions).all() and vec.norms()[1:].min() > 0
+
+
+class LengthJudge(PolarityJudge):
+    """Trait score from the answer's length (deterministic and spread over 0..100); counts calls."""
+
+    def trait_scores(self, trait: TraitSpec, items: Sequence[JudgeItem]) -> list[JudgeResult]:
+        self.calls += len(items)
+        return [JudgeResult(float((7 * len(it.answer)) % 101)) for it in items]
+
+
+def _counting_generate(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    from personascope.pipelines import common
+
+    calls: list[int] = []
+    real = common.generate
+
+    def counted(model, conversations, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(conversations))
+        return real(model, conversations, **kwargs)
+
+    monkeypatch.setattr(common, "generate", counted)
+    return calls
+
+
+def test_a_new_threshold_refilters_without_generating_or_judging(tmp_path: Path, model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    judge = LengthJudge()
+    run = tmp_path / "run"
+    first = extract(ExtractConfig(**CFG, threshold=0, min_kept=1), run, model=model, judge=judge)
+    assert judge.calls == 12 and first.kept == {"pos": 6, "neg": 6}
+    rollouts = (run / "rollouts.jsonl").read_text()
+    scores = {s["key"]: s for s in map(json.loads, (run / "scores.jsonl").read_text().splitlines())}
+    records = [json.loads(x) for x in rollouts.splitlines()]
+
+    def by_hand(theta: float) -> dict[str, int]:
+        kept = {"pos": 0, "neg": 0}
+        for r in records:
+            t = scores[r["key"]]["trait"]
+            if r["answer"].strip() and (t >= theta if r["polarity"] == "pos" else t < 100 - theta):
+                kept[r["polarity"]] += 1
+        return kept
+
+    theta = next(t for t in range(5, 100, 5) if min(by_hand(t).values()) >= 1 and by_hand(t) != first.kept)
+    generated = _counting_generate(monkeypatch)
+    said: list[str] = []
+    again = extract(ExtractConfig(**CFG, threshold=theta, min_kept=1), run, model=model, judge=judge, say=said.append)
+    assert generated == [] and judge.calls == 12  # no generation, no judge call
+    assert again.kept == by_hand(theta) != first.kept
+    assert (run / "rollouts.jsonl").read_text() == rollouts
+    assert len(said) == 1 and said[0].startswith("re-running filter → vectors (filter: threshold changed)")
+    vec = ps.PersonaVector.load(again.vectors["response_mean"])
+    assert (vec.metadata["n_pos"], vec.metadata["n_neg"]) == (again.kept["pos"], again.kept["neg"])
+    stale = list((run / "stale").iterdir())
+    assert len(stale) == 1 and sorted(p.name for p in (stale[0] / "vectors").iterdir()) == sorted(
+        p.name for p in again.vectors.values()
+    )  # the old vectors were kept aside, not deleted
+    # the same settings again: nothing runs
+    said.clear()
+    extract(ExtractConfig(**CFG, threshold=theta, min_kept=1), run, model=model, judge=judge, say=said.append)
+    assert generated == [] and judge.calls == 12 and said == []
+
+
+def test_a_new_temperature_redoes_the_rollouts(tmp_path: Path, model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    judge = PolarityJudge()
+    run = tmp_path / "run"
+    extract(ExtractConfig(**CFG, threshold=0), run, model=model, judge=judge)
+    old = (run / "rollouts.jsonl").read_text()
+    generated = _counting_generate(monkeypatch)
+    extract(ExtractConfig(**CFG, threshold=0, temperature=0.5), run, model=model, judge=judge)
+    assert sum(generated) == 12 and judge.calls == 24  # every rollout generated and judged again
+    new = (run / "rollouts.jsonl").read_text()
+    assert new != old and len(new.splitlines()) == 12
+    (aside,) = (run / "stale").iterdir()
+    assert (aside / "rollouts.jsonl").read_text() == old and (aside / "scores.jsonl").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["temperature"] == 0.5
+    assert manifest["steps"]["rollouts"]["inputs"]["temperature"] == 0.5
+
+
+def test_from_step_forces_that_step_and_the_rest(tmp_path: Path, model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    judge = PolarityJudge()
+    cfg = ExtractConfig(**CFG, threshold=0)
+    extract(cfg, tmp_path / "run", model=model, judge=judge)
+    generated = _counting_generate(monkeypatch)
+    extract(cfg, tmp_path / "run", model=model, judge=judge, rerun_from="scores")
+    assert generated == [] and judge.calls == 24
+    with pytest.raises(PersonascopeError, match=r"unknown step 'judge'.*rollouts, scores, filter, vectors"):
+        extract(cfg, tmp_path / "run", model=model, judge=judge, rerun_from="judge")
+
+
+def test_a_run_from_before_step_digests_resumes_when_its_config_matches(tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
+    cfg = ExtractConfig(**CFG, threshold=0)
+    judge = PolarityJudge()
+    extract(cfg, tmp_path / "run", model=model, judge=judge)
+    manifest_path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["steps"].values():  # what an older personascope wrote: statuses, no digests
+        entry.pop("digest"), entry.pop("inputs")
+    manifest_path.write_text(json.dumps(manifest))
+    extract(cfg, tmp_path / "run", model=model, judge=judge)
+    assert judge.calls == 12 and not (tmp_path / "run" / "stale").exists()
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(PersonascopeError, match=r"different config \(threshold differ\).*--from STEP"):
+        extract(ExtractConfig(**CFG, threshold=10), tmp_path / "run", model=model, judge=judge)

@@ -209,3 +209,45 @@ def test_sweep_errors(tmp_path: Path, model) -> None:  # type: ignore[no-untyped
         sweep(SweepConfig(vector=str(other)), tmp_path / "s3", model=model, judge=LengthJudge())
     assert not (tmp_path / "s1").exists() and not (tmp_path / "s3").exists()
     assert default_layers(30) == [10, 15, 20]
+
+
+class CountingJudge(LengthJudge):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def trait_scores(self, trait: TraitSpec, items: Sequence[JudgeItem]) -> list[JudgeResult]:
+        self.calls += len(items)
+        return super().trait_scores(trait, items)
+
+
+def test_rerunning_a_finished_sweep_with_new_settings(tmp_path: Path, model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from personascope.pipelines import common
+
+    path = _vector(model, tmp_path)
+    base = dict(vector=str(path), model="tiny", layers=[1], coefs=[2], n_questions=2, max_new_tokens=4)
+    judge = CountingJudge()
+    first = sweep(SweepConfig(**base, coherence_threshold=50), tmp_path / "sweep", model=model, judge=judge)
+    n_replies = 2 * (1 + 2)  # baseline + vector + random, two questions each
+    assert judge.calls == n_replies and first.recommended is not None
+    assert ps.PersonaVector.load(path).chosen_layer == 1  # the sweep wrote its choice back into the vector file
+    generated: list[int] = []
+    real = common.generate
+    monkeypatch.setattr(common, "generate", lambda m, c, **kw: generated.append(len(c)) or real(m, c, **kw))
+    # the same sweep again (the vector file changed: its chosen layer) and a stricter recommendation: no new replies
+    said: list[str] = []
+    strict = sweep(
+        SweepConfig(**base, coherence_threshold=90), tmp_path / "sweep", model=model, judge=judge, say=said.append
+    )
+    assert generated == [] and judge.calls == n_replies
+    assert strict.recommended is None  # coherence 80 < 90 everywhere
+    assert said == [
+        "re-running recommend (recommend: coherence_threshold changed); old outputs kept under "
+        f"{tmp_path / 'sweep' / 'stale'}"
+    ]
+    # one more coefficient adds only its replies
+    more = sweep(SweepConfig(**{**base, "coefs": [2, 4]}), tmp_path / "sweep", model=model, judge=judge)
+    assert sum(generated) == 2 * 2 and judge.calls == n_replies + 4  # vector and random, two questions each
+    assert {(c.direction, c.coef) for c in more.cells} >= {("vector", 4.0), ("random", 4.0)}
+    # new sampling settings redo every reply
+    sweep(SweepConfig(**{**base, "coefs": [2, 4]}, temperature=0.5), tmp_path / "sweep", model=model, judge=judge)
+    assert sum(generated) == 4 + 2 * (1 + 2 + 2)

@@ -47,11 +47,19 @@ def extract(
     temperature: Annotated[float, typer.Option()] = 1.0,
     threshold: Annotated[float | None, typer.Option(help="Trait threshold θ (keep pos ≥ θ, neg < 100−θ).")] = None,
     coherence_threshold: Annotated[float, typer.Option()] = 50.0,
+    min_kept: Annotated[int, typer.Option(help="Fewest kept rollouts per side to build a vector.")] = 2,
     seed: Annotated[int, typer.Option()] = 0,
     batch_size: Annotated[int, typer.Option()] = 16,
     overwrite: Annotated[bool, typer.Option(help="Start afresh instead of resuming.")] = False,
+    from_step: Annotated[
+        str | None, typer.Option("--from", help="Redo this step and the ones after it: rollouts|scores|filter|vectors.")
+    ] = None,
 ) -> None:
-    """Extract persona vectors for a trait (resumes an interrupted run in the same --out)."""
+    """Extract persona vectors for a trait (resumes an interrupted run in the same --out).
+
+    On a finished run, changed settings redo only the steps they feed: a new --threshold re-filters and re-averages
+    without generating or judging again; a new --temperature redoes the rollouts (old outputs go to stale/).
+    """
     from personascope.pipelines.extract import ExtractConfig
     from personascope.pipelines.extract import extract as run_extract
 
@@ -67,11 +75,14 @@ def extract(
         temperature=temperature,
         threshold=threshold,
         coherence_threshold=coherence_threshold,
+        min_kept=min_kept,
         seed=seed,
         batch_size=batch_size,
     )
     name = Path(trait).stem
-    result = run_extract(cfg, out or Path("runs") / f"extract-{name}", overwrite=overwrite)
+    say = lambda line: typer.echo(line, err=True)  # noqa: E731
+    target = out or Path("runs") / f"extract-{name}"
+    result = run_extract(cfg, target, overwrite=overwrite, rerun_from=from_step, say=say)
     typer.echo(
         f"kept pos {result.kept['pos']}, neg {result.kept['neg']} of {result.n_rollouts // 2} rollouts each; "
         f"mean trait score pos {_fmt(result.trait_means['pos'])}, neg {_fmt(result.trait_means['neg'])}"
@@ -103,8 +114,15 @@ def sweep(
     seed: Annotated[int, typer.Option()] = 0,
     batch_size: Annotated[int, typer.Option()] = 32,
     overwrite: Annotated[bool, typer.Option()] = False,
+    from_step: Annotated[
+        str | None, typer.Option("--from", help="Redo this step and the ones after it: generate|scores|recommend.")
+    ] = None,
 ) -> None:
-    """Sweep layers × coefficients on evaluation questions; recommend a layer and coefficient."""
+    """Sweep layers × coefficients on evaluation questions; recommend a layer and coefficient.
+
+    On a finished sweep, new layers or coefficients add only their replies, a new --coherence-threshold only
+    recommends again, and new sampling settings redo the replies (old outputs go to stale/).
+    """
     from personascope.pipelines.sweep import SweepConfig, format_table
     from personascope.pipelines.sweep import sweep as run_sweep
 
@@ -124,7 +142,10 @@ def sweep(
         seed=seed,
         batch_size=batch_size,
     )
-    result = run_sweep(cfg, out or vector.parent.parent / f"sweep-{vector.stem}", overwrite=overwrite)
+    target = out or vector.parent.parent / f"sweep-{vector.stem}"
+    result = run_sweep(
+        cfg, target, overwrite=overwrite, rerun_from=from_step, say=lambda line: typer.echo(line, err=True)
+    )
     typer.echo(format_table(result.cells))
     if result.recommended:
         r = result.recommended

@@ -61,34 +61,32 @@ def run_generation(
     done = run.done_keys(name)
     with tqdm(total=len(jobs), initial=sum(j.key in done for j in jobs), desc=desc, unit="reply") as bar:
         for start in range(0, len(jobs), chunk):
-            part = list(jobs[start : start + chunk])
-            if all(j.key in done for j in part):
+            # only the jobs of this chunk not yet on disk (a resumed or extended run generates nothing twice)
+            todo = [(start + i, j) for i, j in enumerate(jobs[start : start + chunk]) if j.key not in done]
+            if not todo:
                 continue
-            interventions = steer(torch.tensor([j.coef for j in part])) if steer is not None else []
+            interventions = steer(torch.tensor([j.coef for _, j in todo])) if steer is not None else []
             gens = generate(
                 model,
-                [j.conversation for j in part],
+                [j.conversation for _, j in todo],
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 top_p=top_p,
-                seeds=[j.seed if j.seed is not None else seed + start + i for i, j in enumerate(part)],
+                seeds=[j.seed if j.seed is not None else seed + g for g, j in todo],
                 interventions=interventions,
                 batch_size=batch_size,
                 progress=False,
             )
-            fresh = []
-            for job, g in zip(part, gens, strict=True):
-                if job.key in done:
-                    continue
-                fresh.append(
-                    {
-                        "key": job.key,
-                        **job.fields,
-                        "answer": g.text,
-                        "n_tokens": len(g.response_ids),
-                        "finished": g.finished,
-                    }
-                )
+            fresh = [
+                {
+                    "key": job.key,
+                    **job.fields,
+                    "answer": gen.text,
+                    "n_tokens": len(gen.response_ids),
+                    "finished": gen.finished,
+                }
+                for (_, job), gen in zip(todo, gens, strict=True)
+            ]
             run.append(name, fresh)
             done.update(r["key"] for r in fresh)
             bar.update(len(fresh))

@@ -1,6 +1,7 @@
 """Persona-vector extraction: contrastive rollouts → judge → filter → capture → difference of means.
 
-Steps (each resumable inside the run directory):
+Steps (named and restartable: each records a digest of its own inputs in the run directory and runs again only when
+they change, together with the steps after it; ``rerun_from`` / ``--from STEP`` forces a step):
 
 1. *rollouts* — for every instruction pair, extraction question and sample, answer once under the trait-encouraging
    system prompt (``pos``) and once under the trait-suppressing one (``neg``);
@@ -24,7 +25,7 @@ import torch
 from personascope.errors import PersonascopeError
 from personascope.pipelines.common import Job, build_judge, run_generation, run_judging
 from personascope.residual.capture import capture
-from personascope.runs import RunDir
+from personascope.runs import RunDir, Step
 from personascope.traits import TraitSpec, load_trait
 from personascope.vectors import PersonaVector
 
@@ -111,6 +112,41 @@ def rollout_jobs(trait: TraitSpec, cfg: ExtractConfig) -> list[Job]:
     return jobs
 
 
+STEPS = ("rollouts", "scores", "filter", "vectors")
+
+
+def extract_steps(cfg: ExtractConfig, trait: TraitSpec) -> list[Step]:
+    """The extraction's steps and the inputs each depends on (batch size is left out: results do not depend on it)."""
+    spec = trait.to_dict()
+    return [
+        Step(
+            "rollouts",
+            {
+                "model": cfg.model,
+                "instruction_pairs": spec["instruction_pairs"][: cfg.n_pairs],
+                "extraction_questions": spec["extraction_questions"][: cfg.n_questions],
+                "samples_per_question": cfg.samples_per_question,
+                "max_new_tokens": cfg.max_new_tokens,
+                "temperature": cfg.temperature,
+                "top_p": cfg.top_p,
+                "seed": cfg.seed,
+                "extras": cfg.extras,
+            },
+            ("rollouts.jsonl",),
+        ),
+        Step(
+            "scores",
+            {"judge": cfg.judge, "judge_pair": spec["judge_pair"], "rubric": spec["rubric"]},
+            ("scores.jsonl",),
+        ),
+        Step(
+            "filter",
+            {"threshold": cfg.threshold, "coherence_threshold": cfg.coherence_threshold, "min_kept": cfg.min_kept},
+        ),
+        Step("vectors", {"trait": trait.name}, ("vectors",)),
+    ]
+
+
 def keep(record: dict[str, Any], score: dict[str, Any] | None, cfg: ExtractConfig, judged: bool) -> bool:
     """The paper's filter: clear trait expression (or clear absence) and a coherent answer."""
     if not record["answer"].strip():
@@ -134,11 +170,15 @@ def extract(
     overwrite: bool = False,
     model: Any = None,
     judge: Any = None,
+    rerun_from: str | None = None,
+    say: Any = None,
 ) -> ExtractResult:
     """Run (or resume) an extraction into ``out``; returns where the vectors are and what was kept.
 
     ``model`` / ``judge`` may be passed pre-built (a loaded :class:`~personascope.models.Model`, a judge object),
-    otherwise they are built from ``cfg.model`` and ``cfg.judge``.
+    otherwise they are built from ``cfg.model`` and ``cfg.judge``. A finished run re-opened with changed settings
+    redoes only the steps they feed (see :func:`extract_steps`); ``rerun_from`` forces a step and those after it.
+    ``say`` (e.g. ``print``) receives a line saying which steps run again and why.
     """
     from personascope.models import load_model
 
@@ -146,7 +186,11 @@ def extract(
     cfg = cfg.resolved()
     trait = load_trait(cfg.trait)
     config = asdict(cfg) | {"trait_spec": trait.to_dict()}
-    run = RunDir(out, config, overwrite=overwrite, kind="extract")
+    run = RunDir(
+        out, config, overwrite=overwrite, kind="extract", steps=extract_steps(cfg, trait), rerun_from=rerun_from
+    )
+    if say is not None and run.describe_rerun():
+        say(run.describe_rerun())
     m = model if model is not None else load_model(cfg.model)
     run.note("model_fingerprint", m.fingerprint())
     judge_obj = judge if judge is not None else build_judge(str(cfg.judge), model=m)

@@ -11,6 +11,7 @@ vector's metadata.
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import math
@@ -27,7 +28,7 @@ from personascope.pipelines.common import Job, build_judge, run_generation, run_
 from personascope.report.stats import mean_ci
 from personascope.residual.interventions import Add, Intervention, resolve_direction
 from personascope.residual.positions import check_positions
-from personascope.runs import RunDir
+from personascope.runs import RunDir, Step
 from personascope.traits import load_trait
 from personascope.vectors import PersonaVector
 
@@ -77,10 +78,54 @@ def default_layers(num_layers: int) -> list[int]:
     return sorted({max(1, round(num_layers * f)) for f in (1 / 3, 1 / 2, 2 / 3)})
 
 
+def sweep_steps(cfg: SweepConfig, vector: PersonaVector, trait: Any, model_id: str, judge_spec: str) -> list[Step]:
+    """The sweep's steps: generate → scores → recommend.
+
+    Replies are keyed by (direction, layer, coefficient, question, sample), so adding layers, coefficients,
+    questions or samples only adds replies; what changes a reply's content (the vector's directions, sampling,
+    positions) redoes the generations. The vector's chosen layer/coefficient, which the sweep itself writes back into
+    the file, is not an input.
+    """
+    directions = hashlib.sha256(vector.directions.numpy().tobytes()).hexdigest()[:16]
+    return [
+        Step(
+            "generate",
+            {
+                "model": model_id,
+                "directions": directions,
+                "questions": list(trait.evaluation_questions),
+                "positions": cfg.positions,
+                "max_new_tokens": cfg.max_new_tokens,
+                "temperature": cfg.temperature,
+                "top_p": cfg.top_p,
+                "seed": cfg.seed,
+            },
+            ("generations.jsonl",),
+        ),
+        Step(
+            "scores",
+            {"judge": judge_spec, "judge_pair": trait.to_dict()["judge_pair"], "rubric": trait.rubric},
+            ("scores.jsonl",),
+        ),
+        Step("recommend", {"coherence_threshold": cfg.coherence_threshold}),
+    ]
+
+
 def sweep(
-    cfg: SweepConfig, out: str | Path, *, overwrite: bool = False, model: Any = None, judge: Any = None
+    cfg: SweepConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    model: Any = None,
+    judge: Any = None,
+    rerun_from: str | None = None,
+    say: Any = None,
 ) -> SweepResult:
-    """Run (or resume) a steering sweep into ``out``."""
+    """Run (or resume) a steering sweep into ``out``.
+
+    Re-opened with changed settings, only the steps they feed run again (see :func:`sweep_steps`); ``rerun_from``
+    forces a step and those after it; ``say`` (e.g. ``print``) hears which steps run again and why.
+    """
     from personascope.models import load_model
 
     started = time.perf_counter()
@@ -98,7 +143,10 @@ def sweep(
     if judge_spec == "none":
         raise PersonascopeError("a sweep needs scores; choose a judge other than 'none'")
     config = asdict(cfg) | {"layers": layers, "judge": judge_spec, "vector_sha": _file_digest(cfg.vector)}
-    run = RunDir(out, config, overwrite=overwrite, kind="sweep")
+    steps = sweep_steps(cfg, vector, trait, cfg.model, judge_spec)
+    run = RunDir(out, config, overwrite=overwrite, kind="sweep", steps=steps, rerun_from=rerun_from)
+    if say is not None and run.describe_rerun():
+        say(run.describe_rerun())
     run.note("model_fingerprint", m.fingerprint())
     judge_obj = judge if judge is not None else build_judge(judge_spec, model=m)
 
@@ -152,7 +200,9 @@ def sweep(
                 desc=f"{name} layer {layer}",
                 **gen_kwargs,
             )
+    run.step("generate", "done", replies=len(records))
     scores = run_judging(run, "scores", judge_obj, trait, records)
+    run.step("scores", "done")
     cells = _cells(records, scores)
     baseline = next(c for c in cells if c.direction == "base")
     recommended = _recommend(cells, baseline, cfg.coherence_threshold)
@@ -163,7 +213,7 @@ def sweep(
             chosen_layer=recommended["layer"], chosen_coef=recommended["coef"], sweep_run=str(run.path)
         )
         vector.save(cfg.vector)
-    run.step("sweep", "done", recommended=recommended)
+    run.step("recommend", "done", recommended=recommended)
     return SweepResult(run.path, cells, recommended, monotone, time.perf_counter() - started)
 
 
