@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from personascope.errors import PersonascopeError
 from personascope.models.chat import Conversation, validate_conversation
 from personascope.residual.capture import length_batches
+from personascope.residual.forward import attention_mask, forward, output_cache, pad
 from personascope.residual.interventions import Intervention, intervene
-from personascope.residual.positions import PAD, PROMPT, PROMPT_LAST, RESPONSE, token_roles
+from personascope.residual.positions import PROMPT, PROMPT_LAST, RESPONSE
 
 if TYPE_CHECKING:
     from personascope.models.loading import Model
@@ -81,12 +82,6 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gens: list[t
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
     out = [torch.multinomial(probs[b].cpu(), 1, generator=gens[b]) for b in range(probs.shape[0])]
     return torch.cat(out).to(logits.device)
-
-
-def _forward(model: Model, **kwargs: Any) -> Any:
-    if model.forward_accepts("logits_to_keep"):
-        kwargs["logits_to_keep"] = 1
-    return model.hf_model(**kwargs)
 
 
 @torch.no_grad()
@@ -200,17 +195,12 @@ def _generate_batch(
     stops: Sequence[str] = (),
 ) -> list[tuple[list[int], bool, list[TokenLogprobs] | None]]:
     device = model.device
-    batch, width = len(prompts), max(len(p) for p in prompts)
+    batch = len(prompts)
     pad_id = int(model.tokenizer.pad_token_id)
     eos = model.eos_token_ids()
-    ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    roles = torch.full((batch, width), PAD, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p) :] = torch.tensor(p)
-        roles[b, width - len(p) :] = PROMPT
-        roles[b, -1] = PROMPT_LAST
-    ids, roles = ids.to(device), roles.to(device)
-    mask = (roles != PAD).long()
+    prompt_roles = [[PROMPT] * (len(p) - 1) + [PROMPT_LAST] for p in prompts]
+    ids, roles = pad(prompts, prompt_roles, pad_id, left=True, device=device)  # every prompt ends at the last column
+    mask = attention_mask(roles)
     row_index = torch.tensor(rows, device=device)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     generated: list[list[int]] = [[] for _ in range(batch)]
@@ -220,26 +210,25 @@ def _generate_batch(
     # enough trailing tokens to contain any stop string (a token decodes to at least one character, or a byte)
     stop_window = 4 * max((len(s.encode()) for s in stops), default=0) + 2
     past: Any = None
-    # transformers >= 5.24 names the KV cache `cache` (in and out); earlier 5.x releases `past_key_values`
-    cache_name = "cache" if model.forward_accepts("cache") else "past_key_values"
     step_ids, step_roles = ids, roles
     for _ in range(max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if use_cache:
             feed_pos = positions[:, -step_ids.shape[1] :]
-            with token_roles(model, step_roles, row_index):
-                out = _forward(
-                    model,
-                    input_ids=step_ids,
-                    attention_mask=mask,
-                    position_ids=feed_pos,
-                    use_cache=True,
-                    **{cache_name: past},
-                )
-            past = getattr(out, cache_name)
+            out, _ = forward(
+                model,
+                step_ids,
+                step_roles,
+                row_index,
+                mask=mask,
+                keep_last=1,
+                position_ids=feed_pos,
+                use_cache=True,
+                cache=past,
+            )
+            past = output_cache(model, out)
         else:
-            with token_roles(model, roles, row_index):
-                out = _forward(model, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            out, _ = forward(model, ids, roles, row_index, mask=mask, keep_last=1, position_ids=positions)
         logits = out.logits[:, -1, :]
         next_tokens = _sample(logits, temperature, top_p, gens)
         step_lp = _step_logprobs(logits, next_tokens, top_logprobs) if step_logprobs is not None else None

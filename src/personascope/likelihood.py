@@ -4,16 +4,16 @@ Shared by the local judges and by later pipelines (multiple-choice letters, pair
 sorted by length and run in right-padded batches (which leaves real tokens exact), under ``torch.no_grad``, on
 ``model.device``; results come back in input order, as float32 on the CPU.
 
-Every forward pass is wrapped in :func:`personascope.residual.token_roles`, with each token's role (prompt, last
-prompt token, response, padding) and each batch row's index into the call's inputs, so interventions that are active
-around a call (``with personascope.steering(...)``) act on the right positions, with per-row coefficients indexing
-the inputs of this call, exactly as during generation and capture.
+Every forward pass goes through the engine's one assembly (:func:`personascope.residual.forward.forward`), with
+each token's role (prompt, last prompt token, response, padding) and each batch row's index into the call's inputs,
+so interventions that are active around a call (``with personascope.steering(...)``) act on the right positions,
+with per-row coefficients indexing the inputs of this call, exactly as during generation and capture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from personascope.errors import PersonascopeError
 from personascope.models.chat import Conversation, FormattedConversation
 from personascope.residual.capture import format_all, length_batches, roles_for
-from personascope.residual.positions import PAD, PROMPT, PROMPT_LAST, token_roles
+from personascope.residual.forward import forward, pad
+from personascope.residual.positions import PROMPT, PROMPT_LAST
 
 if TYPE_CHECKING:
     from personascope.models.loading import Model
@@ -29,33 +30,12 @@ if TYPE_CHECKING:
 __all__ = ["mean_response_logprob", "next_token_logprobs", "response_logprobs"]
 
 
-def _accepts_logits_to_keep(model: Model) -> bool:
-    key = "accepts_logits_to_keep"
-    if key not in model._state:
-        import inspect
-
-        try:
-            model._state[key] = "logits_to_keep" in inspect.signature(model.hf_model.forward).parameters
-        except (TypeError, ValueError):
-            model._state[key] = False
-    return bool(model._state[key])
-
-
 def _forward_logits(
     model: Model, ids: torch.Tensor, roles: torch.Tensor, rows: list[int], keep: int
 ) -> tuple[torch.Tensor, int]:
     """Logits of the last ``keep`` positions (or all, if the model cannot trim), and the offset of the first one."""
-    mask = (roles != PAD).long()
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-    width = ids.shape[1]
-    trimmed = _accepts_logits_to_keep(model) and 0 < keep < width
-    if trimmed:
-        kwargs["logits_to_keep"] = keep
-    with token_roles(model, roles, torch.tensor(rows, device=ids.device)):
-        out = model.hf_model(**kwargs)
-    logits: torch.Tensor = out.logits
-    offset = width - logits.shape[1]
-    return logits, offset
+    out, offset = forward(model, ids, roles, rows, keep_last=keep)
+    return out.logits, offset
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -94,13 +74,8 @@ def response_logprobs(
     show = progress if progress is not None else len(batches) > 1
     with tqdm(total=len(formatted), desc="score", unit="conv", disable=not show) as bar:
         for rows in batches:
-            width = max(len(formatted[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            roles = torch.full((len(rows), width), PAD, dtype=torch.long)
-            for b, i in enumerate(rows):
-                conv = formatted[i]
-                ids[b, : len(conv)] = torch.tensor(conv.input_ids)
-                roles[b, : len(conv)] = torch.tensor(roles_for(conv))
+            ids, roles = pad([formatted[i].input_ids for i in rows], [roles_for(formatted[i]) for i in rows], pad_id)
+            width = ids.shape[1]
             # logits at position t predict token t + 1: we need positions start - 1 .. end - 2
             first = min(_span(formatted[i])[0] for i in rows) - 1
             logits, offset = _forward_logits(model, ids.to(device), roles.to(device), rows, width - first)
@@ -169,14 +144,12 @@ def next_token_logprobs(
     show = progress if progress is not None else len(batches) > 1
     with tqdm(total=len(prompts), desc="score", unit="prompt", disable=not show) as bar:
         for rows in batches:
-            width = max(len(prompts[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            roles = torch.full((len(rows), width), PAD, dtype=torch.long)
-            for b, i in enumerate(rows):
-                p = prompts[i]
-                ids[b, : len(p)] = torch.tensor(p)
-                roles[b, : len(p)] = PROMPT
-                roles[b, len(p) - 1] = PROMPT_LAST
+            ids, roles = pad(
+                [prompts[i] for i in rows],
+                [[PROMPT] * (len(prompts[i]) - 1) + [PROMPT_LAST] for i in rows],
+                pad_id,
+            )
+            width = ids.shape[1]
             shortest = min(len(prompts[i]) for i in rows)
             logits, offset = _forward_logits(model, ids.to(device), roles.to(device), rows, width - shortest + 1)
             last = torch.tensor([len(prompts[i]) - 1 - offset for i in rows], device=logits.device)

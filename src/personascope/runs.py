@@ -35,15 +35,20 @@ MANIFEST = "manifest.json"
 
 
 def versions() -> dict[str, str]:
-    import torch
-    import transformers
+    """Versions of personascope, torch, transformers and Python, read from the installed distributions (no
+    import of the package face or of torch, so a run directory stays a low-level room)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    from personascope import __version__
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "unknown"
 
     return {
-        "personascope": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "personascope": of("personascope"),
+        "torch": of("torch"),
+        "transformers": of("transformers"),
         "python": platform.python_version(),
     }
 

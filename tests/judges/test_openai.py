@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 import personascope
-from personascope.judges import openai as openai_module
+from personascope import llm as llm_module
 from personascope.judges.base import COHERENCE_RUBRIC, JudgeItem, logprob_score
 from personascope.judges.openai import (
     JudgeRequestError,
@@ -238,7 +238,7 @@ class SleepSpy:
 @pytest.fixture()
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     spy = SleepSpy()
-    monkeypatch.setattr(openai_module, "asyncio", spy)
+    monkeypatch.setattr(llm_module, "asyncio", spy)
     return spy.delays
 
 

@@ -48,7 +48,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "last prompt token's role one token early (generation)",
         "generation.py",
-        (("        roles[b, -1] = PROMPT_LAST\n", "        roles[b, -2] = PROMPT_LAST\n"),),
+        (
+            (
+                "prompt_roles = [[PROMPT] * (len(p) - 1) + [PROMPT_LAST] for p in prompts]",
+                "prompt_roles = [[PROMPT] * (len(p) - 2) + [PROMPT_LAST, PROMPT] for p in prompts]",
+            ),
+        ),
         ("tests/test_generation.py",),
     ),
     Mutant(
@@ -60,8 +65,8 @@ MUTANTS: tuple[Mutant, ...] = (
                 "step_roles = torch.full((batch, 1), OTHER, dtype=torch.long, device=device)",
             ),
             (
-                "from personascope.residual.positions import PAD,",
-                "from personascope.residual.positions import OTHER, PAD,",
+                "from personascope.residual.positions import PROMPT,",
+                "from personascope.residual.positions import OTHER, PROMPT,",
             ),
         ),
         ("tests/test_generation.py",),
@@ -71,8 +76,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "generation.py",
         (
             (
-                "with token_roles(model, step_roles, row_index):",
-                "with token_roles(model, step_roles if step_ids.shape[1] > 1 else step_roles * 0, row_index):",
+                "        step_roles,\n                row_index,\n",
+                "        step_roles if step_ids.shape[1] > 1 else step_roles * 0,\n                row_index,\n",
             ),
         ),
         ("tests/test_generation.py",),

@@ -49,8 +49,9 @@ from personascope.finetune.datasets import (
     load_chat_jsonl,
     tokenize_examples,
 )
+from personascope.residual.forward import attention_mask, forward, pad
 from personascope.residual.interventions import Ablate, Intervention, intervene
-from personascope.residual.positions import PAD, PROMPT, PROMPT_LAST, RESPONSE, check_positions, token_roles
+from personascope.residual.positions import PROMPT, PROMPT_LAST, RESPONSE, check_positions
 from personascope.residual.steering import Steering
 
 if TYPE_CHECKING:
@@ -184,22 +185,15 @@ def collate(
     Labelled tokens get the role ``response``, the token before each labelled run ``last prompt``, every other real
     token ``prompt`` and padding ``pad``, so ``positions`` names mean the same as during generation.
     """
-    width = max(len(ex.input_ids) for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    roles = torch.full((len(batch), width), PAD, dtype=torch.long)
-    for b, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        ids[b, :n] = torch.tensor(ex.input_ids)
-        row_labels = torch.tensor(ex.labels)
-        labels[b, :n] = row_labels
-        labelled = row_labels != IGNORE
-        row_roles = torch.where(labelled, RESPONSE, PROMPT)
-        starts = labelled[1:] & ~labelled[:-1]
-        row_roles[:-1][starts] = PROMPT_LAST
-        roles[b, :n] = row_roles
-    mask = (roles != PAD).long()
-    return ids.to(device), mask.to(device), labels.to(device), roles.to(device)
+    row_roles = []
+    for ex in batch:
+        labelled = torch.tensor(ex.labels) != IGNORE
+        r = torch.where(labelled, RESPONSE, PROMPT)
+        r[:-1][labelled[1:] & ~labelled[:-1]] = PROMPT_LAST  # the token before each labelled run
+        row_roles.append(r.tolist())
+    ids, roles = pad([ex.input_ids for ex in batch], row_roles, pad_id)
+    labels, _ = pad([ex.labels for ex in batch], row_roles, IGNORE)
+    return ids.to(device), attention_mask(roles).to(device), labels.to(device), roles.to(device)
 
 
 def forward_loss(
@@ -213,17 +207,13 @@ def forward_loss(
     ids, mask, labels, roles = collate(batch, int(model.tokenizer.pad_token_id), model.device)
     target = labels[:, 1:]
     n_tokens = int((target != IGNORE).sum())
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
     labelled_cols = (target != IGNORE).any(dim=0).nonzero()
     first = int(labelled_cols[0]) if len(labelled_cols) else 0  # first prediction position that carries a label
     width = ids.shape[1]
-    if model.forward_accepts("logits_to_keep") and first > 0:
-        kwargs["logits_to_keep"] = width - first
     ctx = intervene(model, interventions) if interventions else contextlib.nullcontext()
-    with token_roles(model, roles), ctx:
-        out = model.hf_model(**kwargs)
-    logits = out.logits
-    offset = width - logits.shape[1]  # logits[:, j] predicts token offset + j + 1
+    with ctx:
+        out, offset = forward(model, ids, roles, mask=mask, keep_last=width - first if first > 0 else None)
+    logits = out.logits  # logits[:, j] predicts token offset + j + 1
     logits = logits[:, : width - 1 - offset]
     target = target[:, offset:]
     loss = F.cross_entropy(

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from personascope.errors import PersonascopeError
 from personascope.models.chat import Conversation, FormattedConversation
+from personascope.residual.forward import forward, pad
 from personascope.residual.hooks import site_hooks
-from personascope.residual.positions import OTHER, PAD, PROMPT, PROMPT_LAST, RESPONSE, token_roles
+from personascope.residual.positions import OTHER, PROMPT, PROMPT_LAST, RESPONSE
 
 if TYPE_CHECKING:
     from personascope.models.loading import Model
@@ -221,10 +222,10 @@ def capture_spans(
         tqdm(total=n, desc="capture", unit="conv", disable=not show) as bar,
     ):
         for rows in batches:
-            ids, mask, roles, weights = _pack(formatted, rows, spans, pad_id, model.device)
+            ids, roles, weights = _pack(formatted, rows, spans, pad_id, model.device)
             current["weights"], current["rows"] = weights, torch.tensor(rows)
-            with token_roles(model, roles, torch.tensor(rows, device=model.device)), contextlib.suppress(_StopForward):
-                model.hf_model(input_ids=ids, attention_mask=mask, use_cache=False)
+            with contextlib.suppress(_StopForward):
+                forward(model, ids, roles, rows)
             bar.update(len(rows))
     return results
 
@@ -235,17 +236,13 @@ def _pack(
     spans: Sequence[Sequence[tuple[int, int]]],
     pad_id: int,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask, roles and the ``[S, B, T]`` span-mean weights for one batch."""
-    width = max(len(formatted[i]) for i in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    roles = torch.full((len(rows), width), PAD, dtype=torch.long)
-    weights = torch.zeros(len(spans[rows[0]]), len(rows), width, dtype=torch.float32)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids and roles, and the ``[S, B, T]`` span-mean weights for one batch."""
+    ids, roles = pad(
+        [formatted[i].input_ids for i in rows], [roles_for(formatted[i]) for i in rows], pad_id, device=device
+    )
+    weights = torch.zeros(len(spans[rows[0]]), len(rows), ids.shape[1], dtype=torch.float32)
     for b, i in enumerate(rows):
-        conv = formatted[i]
-        ids[b, : len(conv)] = torch.tensor(conv.input_ids)
-        roles[b, : len(conv)] = torch.tensor(roles_for(conv))
         for k, (start, end) in enumerate(spans[i]):
             weights[k, b, start:end] = 1.0 / (end - start)
-    mask = (roles != PAD).long()
-    return ids.to(device), mask.to(device), roles.to(device), weights.to(device)
+    return ids, roles, weights.to(device)

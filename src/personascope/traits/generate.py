@@ -192,7 +192,8 @@ def make_chat_fn(
 
 
 def _openai_chat_fn(name: str, temperature: float) -> ChatFn:
-    from personascope.judges.openai import JudgeRequestError, OpenAIChatClient, run_many
+    from personascope.llm import LLMRequestError as JudgeRequestError
+    from personascope.llm import OpenAIChatClient, run_many
 
     client = OpenAIChatClient(name, concurrency=1, timeout=300.0)
     params: dict[str, Any] = {"temperature": temperature}
