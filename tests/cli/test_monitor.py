@@ -95,4 +95,9 @@ def test_monitor_vector_for_another_model(tmp_path: Path, setup, capsys) -> None
     wrong = PersonaVector(torch.randn(7, 16), {"model_name": "other"}).save(tmp_path / "w.safetensors")
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps(CHAT) + "\n")
-    one_line_error(capsys, run(["monitor", "-m", str(model_dir), "-v", str(wrong), "-i", str(src)]), "does not fit")
+    argv = ["monitor", "-m", str(model_dir), "-v", str(wrong), "-i", str(src)]
+    one_line_error(capsys, run([*argv, "--layer", "1"]), "does not fit")
+    # no --layer and no chosen layer: refused before the model loads, nothing written
+    one_line_error(capsys, run([*argv, "-o", str(tmp_path / "rows.csv")]), "no chosen layer; pass --layer")
+    one_line_error(capsys, run([*argv, "--layer", "1", "--plot", str(tmp_path / "p.jpg")]), "--plot must end in .png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "w.safetensors"]

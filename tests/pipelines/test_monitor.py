@@ -135,3 +135,21 @@ def test_monitor_rejects_other_models_vectors(model: Model) -> None:
     other = ps.PersonaVector(torch.randn(3, 8), {"model_name": "x"})
     with pytest.raises(PersonascopeError, match="does not fit"):
         ps.project(model, [CONV], other)
+
+
+def test_monitor_file_is_the_cli_flow_as_a_function(model: Model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from personascope.pipelines.monitor import monitor_file
+
+    vec = ps.PersonaVector(_vector(model).directions, {**_vector(model).metadata, "chosen_layer": 2})
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(CHAT) + "\n")
+    rows = monitor_file(vec, src, tmp_path / "rows.csv", model=model)
+    assert rows == monitor_turns(model, [CHAT], vec, layers=[2])
+    with (tmp_path / "rows.csv").open() as fh:
+        written = list(csv.DictReader(fh))
+    assert [float(r["projection"]) for r in written] == pytest.approx([r.projection for r in rows])
+    with pytest.raises(PersonascopeError, match=r"--out must end in \.csv or \.jsonl"):
+        monitor_file(vec, src, tmp_path / "rows.txt", model="never-loaded")
+    with pytest.raises(PersonascopeError, match="no chosen layer"):
+        monitor_file(_vector(model), src, tmp_path / "x.csv", model="never-loaded")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "rows.csv"]

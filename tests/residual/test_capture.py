@@ -111,3 +111,24 @@ def test_response_mean_needs_a_response(llama) -> None:  # type: ignore[no-untyp
         ps.capture(llama, [CONV, CONV[:2]])
     out = ps.capture(llama, [CONV[:2]], reductions=["prompt_last"])
     assert out["prompt_last"].shape[0] == 1
+
+
+def test_capture_files_round_trip(llama, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from personascope.residual import load_capture, save_capture
+
+    result = ps.capture(llama, [CONV, SHORT], reductions=["prompt_last", "response_mean"], layers=[0, 2])
+    path = save_capture(tmp_path / "acts.safetensors", result, model=llama, layers=[0, 2], source="convs.jsonl")
+    back = load_capture(path)
+    assert (back.model_name, back.layers, back.count, back.source) == (llama.name, [0, 2], 2, "convs.jsonl")
+    assert set(back.tensors) == set(result)
+    for name, tensor in result.items():
+        assert torch.equal(back.tensors[name], tensor)
+    full = save_capture(
+        tmp_path / "all.safetensors", ps.capture(llama, [CONV], reductions=["prompt_last"]), model=llama
+    )
+    assert load_capture(full).layers == list(range(llama.num_layers + 1))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PersonascopeError, match="not a personascope capture file"):
+        load_capture(tmp_path / "bad.safetensors")
+    with pytest.raises(PersonascopeError, match="not found"):
+        load_capture(tmp_path / "none.safetensors")

@@ -134,24 +134,16 @@ def capture(
     device: DeviceOpt = None,
 ) -> None:
     """Capture reduced residual activations of conversations into a safetensors file."""
-    from safetensors.torch import save_file
-
     import personascope as ps
-    from personascope.io import atomic_path, read_conversations
+    from personascope.io import read_conversations
+    from personascope.residual.capture import save_capture
 
     reds = [r.strip() for r in reductions.split(",") if r.strip()]
     layer_list = _parse_ints(layers, "--layers") if layers else None
     convs = read_conversations(input)
     m = ps.load_model(model, device=device)
     result = ps.capture(m, convs, reductions=reds, layers=layer_list, batch_size=batch_size)
-    meta = {
-        "model_name": m.name,
-        "layers": json.dumps(layer_list if layer_list is not None else list(range(m.num_layers + 1))),
-        "count": str(len(convs)),
-        "source": str(input),
-    }
-    with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in result.items()}, str(tmp), metadata=meta)
+    save_capture(out, result, model=m, layers=layer_list, source=str(input))
     typer.echo(
         f"wrote {out} ({len(convs)} conversations; "
         + ", ".join(f"{k} {list(v.shape)}" for k, v in result.items())

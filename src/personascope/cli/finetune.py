@@ -22,25 +22,9 @@ Threads = Annotated[
 
 
 def _threads(requested: int) -> None:
-    """Set torch's CPU thread count. On a busy shared CPU, fewer threads than cores is several times faster
-    (threads that wait for a pre-empted sibling at every small operation waste most of their time)."""
-    import os
+    from personascope.runtime import set_threads
 
-    import torch
-
-    if requested < 0:
-        raise PersonascopeError("--threads must be >= 0")
-    if requested > 0:
-        torch.set_num_threads(requested)
-        return
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        return
-    idle = max(1, (os.cpu_count() or 1) - round(busy))
-    if idle < torch.get_num_threads():
-        torch.set_num_threads(idle)
-        typer.echo(f"note: the CPU is busy (load {busy:.1f}); using {idle} torch thread(s) (set --threads)", err=True)
+    set_threads(requested, say=lambda line: typer.echo(line, err=True))
 
 
 Seed = Annotated[int, typer.Option()]
@@ -181,19 +165,6 @@ def finetune(
     typer.echo(str(result.artifact))
 
 
-def _questions(trait_name: str | None, n: int | None, file: Path | None) -> list[str]:
-    from personascope.finetune.datasets import load_question_pool
-    from personascope.traits import load_trait
-
-    if file is not None:
-        qs = [str(r["question"]) for r in load_question_pool(file)]
-    else:
-        if not trait_name:
-            raise PersonascopeError("the vector names no trait; pass --trait or --questions-file")
-        qs = list(load_trait(trait_name).evaluation_questions)
-    return qs[:n] if n is not None else qs
-
-
 def finetune_shift(
     finetuned: Annotated[Path, typer.Argument(help="Run directory of `personascope finetune` (or its adapter/).")],
     vector: Annotated[Path, typer.Option("--vector", "-v", help="PersonaVector file.")],
@@ -214,14 +185,14 @@ def finetune_shift(
     _threads(threads)
     import personascope as ps
     from personascope.finetune.evaluate import finetune_shift as run_shift
-    from personascope.finetune.evaluate import write_shift
+    from personascope.finetune.evaluate import shift_questions, write_shift
     from personascope.finetune.train import load_finetuned, read_finetune_manifest
 
     vec = ps.PersonaVector.load(vector)
     if out is not None and out.suffix not in (".csv", ".json"):
         raise PersonascopeError(f"--out must end in .csv or .json, got '{out.name}'")
     manifest = read_finetune_manifest(finetuned)
-    qs = _questions(trait or vec.trait, questions, questions_file)
+    qs = shift_questions(trait or vec.trait, questions, questions_file)
     base = ps.load_model(model or manifest["base_model"])
     vec.check_compatible(base)
     layer_list = _ints(layers, "--layers") if layers else None

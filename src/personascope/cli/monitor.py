@@ -21,23 +21,9 @@ def monitor(
     plot: Annotated[Path | None, typer.Option(help="Also plot projection per turn to this .png.")] = None,
 ) -> None:
     """Projection of every turn (before each reply, and each reply) on a persona vector."""
-    import personascope as ps
-    from personascope.io import read_conversations
-    from personascope.pipelines.monitor import monitor_turns, write_rows
-    from personascope.report.plots import plot_turns
+    from personascope.pipelines.monitor import monitor_file
 
-    vec = ps.PersonaVector.load(vector)
-    convs = read_conversations(input)
-    if out.suffix not in (".csv", ".jsonl"):
-        raise ps.PersonascopeError(f"--out must end in .csv or .jsonl, got '{out.name}'")
-    m = ps.load_model(model)
-    vec.check_compatible(m)
-    for value in layer or []:
-        m.check_layer(value)
-    rows = monitor_turns(m, convs, vec, layers=layer or None)
-    write_rows(rows, out)
-    if plot is not None:
-        plot_turns(rows, plot, title=f"{vec.trait or 'persona'} projection per turn")
+    rows = monitor_file(vector, input, out, model=model, layers=layer or None, plot=plot)
     for r in rows:
         typer.echo(f"conv {r.conversation} turn {r.turn + 1} {r.kind:<11} layer {r.layer}: {r.projection:+.3f}")
     typer.echo(f"wrote {out}" + (f" and {plot}" if plot else ""))

@@ -103,6 +103,23 @@ def _as_prompts(questions: Sequence[str | Conversation]) -> list[list[dict[str, 
     return out
 
 
+def shift_questions(trait: str | None, n: int | None = None, file: str | Path | None = None) -> list[str]:
+    """The questions a finetuning shift is measured on: those of ``file`` (.jsonl or .txt), else the trait's
+    evaluation questions; the first ``n`` of them when ``n`` is given."""
+    from personascope.finetune.datasets import load_question_pool
+    from personascope.traits import load_trait
+
+    if file is not None:
+        qs = [str(r["question"]) for r in load_question_pool(file)]
+    else:
+        if not trait:
+            raise PersonascopeError("the vector names no trait; pass --trait or --questions-file")
+        qs = list(load_trait(trait).evaluation_questions)
+    if n is not None and n < 1:
+        raise PersonascopeError(f"--questions must be at least 1, got {n}")
+    return qs[:n] if n is not None else qs
+
+
 def finetune_shift(
     base: Model,
     tuned: Model,

@@ -135,3 +135,44 @@ def write_rows(rows: Sequence[TurnProjection], path: str | Path) -> Path:
             for r in rows:
                 fh.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
     return target
+
+
+def monitor_file(
+    vector: str | Path | PersonaVector,
+    conversations: str | Path,
+    out: str | Path,
+    *,
+    model: str | Model = "smollm2-135m-instruct",
+    layers: Sequence[int] | None = None,
+    plot: str | Path | None = None,
+    device: str | None = None,
+) -> list[TurnProjection]:
+    """``personascope monitor`` as a function: per-turn projections of a JSONL file of conversations, written to
+    ``out`` (.csv or .jsonl) and optionally plotted (``plot``, a .png).
+
+    Everything that can be checked without the model is checked first (the vector, the conversations, the output
+    suffixes, a layer to use), so a mistake costs no model load and leaves nothing on disk.
+    """
+    from personascope.io import read_conversations
+    from personascope.models import load_model
+
+    vec = vector if isinstance(vector, PersonaVector) else PersonaVector.load(vector)
+    convs = read_conversations(conversations)
+    if Path(out).suffix not in (".csv", ".jsonl"):
+        raise PersonascopeError(f"--out must end in .csv or .jsonl, got '{Path(out).name}'")
+    if plot is not None and Path(plot).suffix != ".png":
+        raise PersonascopeError(f"--plot must end in .png, got '{Path(plot).name}'")
+    if not layers and vec.chosen_layer is None:
+        raise PersonascopeError(
+            f"{vector if not isinstance(vector, PersonaVector) else 'the vector'} has no chosen layer; pass --layer "
+            "(layers= in Python) or run `personascope sweep` on it"
+        )
+    m = load_model(model, device=device) if isinstance(model, str) else model
+    vec.check_compatible(m)
+    rows = monitor_turns(m, convs, vec, layers=list(layers) if layers else None)
+    write_rows(rows, out)
+    if plot is not None:
+        from personascope.report.plots import plot_turns
+
+        plot_turns(rows, plot, title=f"{vec.trait or 'persona'} projection per turn")
+    return rows

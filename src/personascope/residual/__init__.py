@@ -4,7 +4,7 @@ Layer ``L`` is the residual stream after decoder block ``L-1`` (``L = 0``: the e
 :mod:`personascope.residual.hooks` for what ``L = num_layers`` means.
 """
 
-from personascope.residual.capture import REDUCTIONS, capture, capture_spans
+from personascope.residual.capture import REDUCTIONS, CaptureFile, capture, capture_spans, load_capture, save_capture
 from personascope.residual.hooks import add_site_hook, site_hooks
 from personascope.residual.interventions import (
     Ablate,
@@ -23,6 +23,7 @@ __all__ = [
     "Ablate",
     "Add",
     "Cap",
+    "CaptureFile",
     "Intervention",
     "Positions",
     "Steering",
@@ -31,7 +32,9 @@ __all__ = [
     "capture",
     "capture_spans",
     "intervene",
+    "load_capture",
     "resolve_direction",
+    "save_capture",
     "site_hooks",
     "steering",
     "token_roles",

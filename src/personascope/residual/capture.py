@@ -10,7 +10,10 @@ order, and the forward pass stops after the deepest requested layer.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
@@ -246,3 +249,72 @@ def _pack(
         for k, (start, end) in enumerate(spans[i]):
             weights[k, b, start:end] = 1.0 / (end - start)
     return ids, roles, weights.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------- capture files
+
+
+@dataclass(frozen=True)
+class CaptureFile:
+    """A capture read back by :func:`load_capture`: ``{reduction: [N, len(layers), hidden]}`` and where it came from."""
+
+    tensors: dict[str, torch.Tensor]
+    model_name: str
+    layers: list[int]
+    count: int
+    source: str | None
+
+
+def save_capture(
+    path: str | Path,
+    result: dict[str, torch.Tensor],
+    *,
+    model: Model,
+    layers: Sequence[int] | None = None,
+    source: str | None = None,
+) -> Path:
+    """Write a :func:`capture` result as safetensors (atomically; no pickle), with the model's name, the layers
+    (``None``: all ``num_layers + 1``), the number of conversations and their source in the metadata."""
+    from safetensors.torch import save_file
+
+    from personascope.io import atomic_path
+
+    if not result:
+        raise PersonascopeError("nothing to save: the capture result is empty")
+    count = {int(v.shape[0]) for v in result.values()}
+    if len(count) != 1:
+        raise PersonascopeError("every reduction of a capture must hold the same conversations")
+    meta = {
+        "format": "personascope-capture",
+        "model_name": model.name,
+        "layers": json.dumps(list(layers) if layers is not None else list(range(model.num_layers + 1))),
+        "count": str(count.pop()),
+    }
+    if source is not None:
+        meta["source"] = str(source)
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in result.items()}, str(tmp), metadata=meta)
+    return target
+
+
+def load_capture(path: str | Path) -> CaptureFile:
+    """Read a file written by :func:`save_capture` (or ``personascope capture``)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    source = Path(path)
+    if not source.is_file():
+        raise PersonascopeError(f"capture file not found: {source}")
+    try:
+        tensors = load_file(str(source))
+        with safe_open(str(source), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        layers = json.loads(meta["layers"])
+        count = int(meta["count"])
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise PersonascopeError(
+            f"{source} is not a personascope capture file ({type(exc).__name__}: {exc}); write one with "
+            "`personascope capture` or personascope.residual.save_capture"
+        ) from None
+    return CaptureFile(tensors, str(meta.get("model_name", "")), [int(x) for x in layers], count, meta.get("source"))
