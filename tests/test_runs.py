@@ -130,3 +130,23 @@ def test_kill_minus_9_then_resume_has_no_duplicates_or_truncation(tmp_path: Path
     assert [r["key"] for r in records] == [f"k{i}" for i in range(N_RECORDS)]
     assert records == RunDir(reference, {"job": "w"}).records("rec")
     assert path.read_bytes() == (reference / "rec.jsonl").read_bytes()
+
+
+def test_the_tensor_cache_recomputes_only_when_its_inputs_change(tmp_path: Path) -> None:
+    import torch
+
+    run = RunDir(tmp_path / "r", {"a": 1})
+    calls: list[int] = []
+
+    def compute() -> dict[str, torch.Tensor]:
+        calls.append(1)
+        return {"x": torch.arange(6.0).view(2, 3) * len(calls)}
+
+    first = run.cached_tensors("acts", {"model": "m1", "tasks": [1, 2]}, compute)
+    again = run.cached_tensors("acts", {"tasks": [1, 2], "model": "m1"}, compute)  # same inputs, other key order
+    assert len(calls) == 1 and torch.equal(first["x"], again["x"])
+    other = run.cached_tensors("acts", {"model": "m2", "tasks": [1, 2]}, compute)
+    assert len(calls) == 2 and torch.equal(other["x"], torch.arange(6.0).view(2, 3) * 2)
+    (tmp_path / "r" / "acts.safetensors").write_bytes(b"torn")  # an unreadable cache is recomputed, not trusted
+    assert torch.equal(run.cached_tensors("acts", {"model": "m2", "tasks": [1, 2]}, compute)["x"], other["x"] * 1.5)
+    assert len(calls) == 3

@@ -23,13 +23,13 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from personascope.errors import PersonascopeError
-from personascope.io import atomic_open
+from personascope.io import atomic_open, atomic_path
 
 MANIFEST = "manifest.json"
 
@@ -257,6 +257,29 @@ class RunDir:
             with path.open("r+b") as fh:
                 fh.truncate(good_end)
         return out
+
+    def cached_tensors(
+        self, name: str, inputs: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """Tensors stored in ``NAME.safetensors`` for exactly these ``inputs`` (a JSON-serialisable mapping of what
+        they depend on), else ``compute()``'s tensors, written atomically first. The run's one tensor cache: a
+        change of inputs (another model fingerprint, other tasks...) recomputes; no pickle is ever read."""
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import save_file
+
+        path = self.path / f"{name}.safetensors"
+        digest = _digest(json.loads(json.dumps(dict(inputs))))
+        if path.is_file():
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    if (fh.metadata() or {}).get("inputs_digest") == digest:
+                        return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            except (SafetensorError, OSError):
+                pass  # unreadable: computed again and replaced below
+        tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"inputs_digest": digest, "inputs": json.dumps(dict(inputs))})
+        return dict(tensors)
 
     def done_keys(self, name: str) -> set[str]:
         return {str(r["key"]) for r in self.records(name)}
