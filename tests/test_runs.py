@@ -12,7 +12,7 @@ import pytest
 
 import personascope
 from personascope.errors import PersonascopeError
-from personascope.runs import RunDir
+from personascope.runs import RunDir, Step
 
 
 def test_manifest_and_append(tmp_path: Path) -> None:
@@ -64,7 +64,7 @@ import sys, types
 package = types.ModuleType("personascope")
 package.__path__ = [sys.argv[3]]
 sys.modules["personascope"] = package
-from personascope.runs import RunDir
+from personascope.runs import RunDir, Step
 run = RunDir(sys.argv[1], {"job": "w"})
 done = run.done_keys("rec")
 for i in range(int(sys.argv[2])):
@@ -150,3 +150,46 @@ def test_the_tensor_cache_recomputes_only_when_its_inputs_change(tmp_path: Path)
     (tmp_path / "r" / "acts.safetensors").write_bytes(b"torn")  # an unreadable cache is recomputed, not trusted
     assert torch.equal(run.cached_tensors("acts", {"model": "m2", "tasks": [1, 2]}, compute)["x"], other["x"] * 1.5)
     assert len(calls) == 3
+
+
+def _steps(**inputs: int) -> list[Step]:
+    return [
+        Step("a", {"x": inputs.get("a", 0)}, ("a.jsonl",)),
+        Step("b", {"x": inputs.get("b", 0)}, ("b.jsonl",), after=("a",)),
+        Step("c", {"x": inputs.get("c", 0)}, ("c.jsonl",), after=("a",)),
+        Step("d", {"x": inputs.get("d", 0)}, ("out/d.jsonl",), after=("b", "c")),
+    ]
+
+
+def _fill(run: RunDir) -> None:
+    (run.path / "out").mkdir(exist_ok=True)
+    for name in ("a", "b", "c", "out/d"):
+        if not (run.path / f"{name}.jsonl").exists():
+            (run.path / f"{name}.jsonl").write_text(f"{name} {run.manifest['resumed']}\n")
+
+
+def test_steps_rerun_what_depends_on_a_change_and_nothing_else(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "r", {"k": 1}, steps=_steps())
+    assert run.rerun == []
+    _fill(run)
+    same = RunDir(tmp_path / "r", {"k": 1}, steps=_steps())
+    assert same.rerun == [] and not (tmp_path / "r" / "stale").exists()
+    changed_c = RunDir(tmp_path / "r", {"k": 2}, steps=_steps(c=1))  # the config may change with the steps
+    assert changed_c.rerun == ["c", "d"] and changed_c.changed == {"c": ["x"], "d": ["an earlier step"]}
+    assert (tmp_path / "r" / "b.jsonl").read_text() == "b 0\n"  # b does not use c: kept
+    assert not (tmp_path / "r" / "c.jsonl").exists() and not (tmp_path / "r" / "out" / "d.jsonl").exists()
+    (aside,) = (tmp_path / "r" / "stale").iterdir()
+    assert (aside / "c.jsonl").read_text() == "c 0\n" and (aside / "out" / "d.jsonl").read_text() == "out/d 0\n"
+    assert changed_c.describe_rerun() == (
+        f"re-running c → d (c: x changed); old outputs kept under {tmp_path / 'r' / 'stale'}"
+    )
+    _fill(changed_c)
+    forced = RunDir(tmp_path / "r", {"k": 2}, steps=_steps(c=1), rerun_from="b")
+    assert forced.rerun == ["b", "d"] and (tmp_path / "r" / "c.jsonl").read_text() == "c 2\n"
+    first = RunDir(tmp_path / "r", {"k": 2}, steps=_steps(a=5, c=1))
+    assert first.rerun == ["a", "b", "c", "d"]
+    with pytest.raises(PersonascopeError, match="unknown step 'e'"):
+        RunDir(tmp_path / "r", {"k": 2}, steps=_steps(), rerun_from="e")
+    with pytest.raises(PersonascopeError, match="not earlier steps"):
+        RunDir(tmp_path / "s", {}, steps=[Step("a", after=("b",)), Step("b")])
+    assert not (tmp_path / "s").exists()  # refused before anything is written

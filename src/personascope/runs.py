@@ -55,13 +55,16 @@ def versions() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Step:
-    """One named step of a pipeline: the JSON-serialisable ``inputs`` its output depends on (beyond the steps
-    before it) and the ``outputs`` it writes, as names relative to the run directory (``"rollouts.jsonl"``,
-    ``"vectors"``), which are set aside when the step must run again."""
+    """One named step of a pipeline: the JSON-serialisable ``inputs`` its output depends on (beyond the steps it
+    comes after) and the ``outputs`` it writes, as paths relative to the run directory (``"rollouts.jsonl"``,
+    ``"vectors"``, ``"finetune/x+steer"``), which are set aside when the step must run again."""
 
     name: str
     inputs: Mapping[str, Any] = field(default_factory=dict)
     outputs: tuple[str, ...] = ()
+    #: the steps whose results this one uses; ``None``: the step before it. Steps that do not depend on each other
+    #: (e.g. screening data and finetuning on it) can then change without redoing each other.
+    after: tuple[str, ...] | None = None
 
 
 def _digest(value: Any) -> str:
@@ -93,6 +96,10 @@ class RunDir:
             names = [st.name for st in self.steps]
             if len(set(names)) != len(names):
                 raise PersonascopeError(f"step names must be unique, got {names}")
+            for k, st in enumerate(self.steps):
+                unknown = [d for d in (st.after or ()) if d not in names[:k]]
+                if unknown:
+                    raise PersonascopeError(f"step {st.name} comes after {unknown}, which are not earlier steps")
             if rerun_from is not None and rerun_from not in names:
                 raise PersonascopeError(f"unknown step '{rerun_from}' for --from; use one of {', '.join(names)}")
         elif rerun_from is not None:
@@ -143,46 +150,55 @@ class RunDir:
         return any(isinstance(v, dict) and "digest" in v for v in self.manifest.get("steps", {}).values())
 
     def _reconcile(self, rerun_from: str | None) -> None:
-        """Record each step's chained input digest; set aside the outputs of the first changed step and after."""
+        """Record each step's input digest (chained through the steps it comes after); set aside the outputs of
+        every step whose digest changed, or that was forced, and of every step after one of those."""
         assert self.steps is not None
         recorded: dict[str, Any] = self.manifest.setdefault("steps", {})
         legacy = bool(recorded) and not self._has_digests()  # an older run whose whole config matched
-        chain = ""
-        stale_from: int | None = None
-        digests = []
+        digests: dict[str, str] = {}
+        entries: list[tuple[Step, str, dict[str, Any]]] = []
+        stale: list[Step] = []
         for k, st in enumerate(self.steps):
             inputs = json.loads(json.dumps(dict(st.inputs)))
-            chain = _digest({"previous": chain, "inputs": inputs})
-            digests.append((chain, inputs))
-            if stale_from is not None or legacy:
+            if st.after is None:  # after the step before it (a straight line)
+                deps = [self.steps[k - 1].name] if k else []
+                digest = _digest({"previous": digests[deps[0]] if deps else "", "inputs": inputs})
+            else:
+                deps = list(st.after)
+                digest = _digest({"after": [digests[d] for d in deps], "inputs": inputs})
+            digests[st.name] = digest
+            entries.append((st, digest, inputs))
+            if legacy:
                 continue
             old = recorded.get(st.name)
+            stale_names = {x.name for x in stale}
             if st.name == rerun_from:
-                stale_from = k
+                stale.append(st)
                 self.changed[st.name] = []
-            elif isinstance(old, dict) and old.get("digest") not in (None, chain):
-                stale_from = k
+            elif isinstance(old, dict) and old.get("digest") not in (None, digest):
+                stale.append(st)
                 before = old.get("inputs", {})
-                self.changed[st.name] = sorted(
-                    x for x in set(before) | set(inputs) if before.get(x) != inputs.get(x)
-                ) or ["an earlier step"]
-        if stale_from is not None:
+                own = sorted(x for x in set(before) | set(inputs) if before.get(x) != inputs.get(x))
+                self.changed[st.name] = own or ["an earlier step"]
+            elif any(d in stale_names for d in deps):
+                stale.append(st)  # forced through an earlier step
+                self.changed[st.name] = ["an earlier step"]
+        if stale:
             stamp = time.strftime("%Y%m%dT%H%M%S")
             aside = self.path / "stale" / stamp
             n = 1
             while aside.exists():
                 n += 1
                 aside = self.path / "stale" / f"{stamp}-{n}"
-            for st in self.steps[stale_from:]:
+            for st in stale:
                 self.rerun.append(st.name)
-                self.changed.setdefault(st.name, ["an earlier step"])
                 recorded.pop(st.name, None)
                 for name in st.outputs:
                     src = self.path / name
                     if src.exists():
-                        aside.mkdir(parents=True, exist_ok=True)
+                        (aside / name).parent.mkdir(parents=True, exist_ok=True)
                         os.replace(src, aside / name)
-        for st, (digest, inputs) in zip(self.steps, digests, strict=True):
+        for st, digest, inputs in entries:
             entry = recorded.setdefault(st.name, {"status": "pending"})
             entry["digest"], entry["inputs"] = digest, inputs
 

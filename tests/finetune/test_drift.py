@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from scipy import stats
 
 from personascope.errors import PersonascopeError
+from personascope.finetune import drift as drift_mod
 from personascope.finetune.drift import DriftConfig, drift_experiment, parse_dataset
 from personascope.finetune.evaluate import finetune_shift, load_mcq, mcq_accuracy
 from personascope.finetune.train import load_finetuned
@@ -167,6 +169,36 @@ def test_drift_experiment_end_to_end_and_resume(
     again = drift_experiment(cfg, tmp_path / "run", model=model, judge=judge)
     assert judge.calls == calls
     assert again.summary == result.summary
+
+    # new preventative-steering strength: only the comparison runs again, with its own two finetunes
+    run = tmp_path / "run"
+    points = (run / "points.jsonl").read_text()
+    trained: list[str] = []
+    real_finetune = drift_mod.finetune
+
+    def spy(ft_cfg, ft_dir, **kw):  # type: ignore[no-untyped-def]
+        result = real_finetune(ft_cfg, ft_dir, **kw)
+        if result.steps > result.resumed_from:  # trained in this call (not a finished run loaded again)
+            trained.append(Path(ft_dir).name)
+        return result
+
+    monkeypatch.setattr(drift_mod, "finetune", spy)
+    said: list[str] = []
+    steered = drift_experiment(replace(cfg, steer_coef=2.0), run, model=model, judge=judge, say=said.append)
+    assert trained == ["evil-II+steer", "evil-II+caft"]  # the plain finetunes are not trained again
+    assert said[0].startswith("re-running compare (compare: steer_coef changed)")
+    assert (run / "points.jsonl").read_text() == points and steered.points == again.points
+    assert "preventative steering (+2·v in training)" in [r["method"] for r in steered.compare]
+    (aside,) = (run / "stale").iterdir()
+    assert sorted(p.name for p in (aside / "finetune").iterdir()) == ["evil-II+caft", "evil-II+steer"]
+    # a new judge re-measures and re-compares without training any plain finetune again
+    trained.clear()
+    said.clear()
+    calls = judge.calls
+    drift_experiment(replace(cfg, steer_coef=2.0, judge="fake:other"), run, model=model, judge=judge, say=said.append)
+    assert set(trained) <= {"evil-II+steer", "evil-II+caft"} and "plain" not in trained
+    assert said[0].startswith("re-running measure → compare (measure: judge changed)")
+    assert judge.calls > calls
 
 
 def test_bad_experiment_configs(tmp_path: Path, model: Model, vector: Path) -> None:

@@ -367,6 +367,10 @@ def finetune_drift(
     seed: Seed = 0,
     batch_size: BatchSize = 16,
     overwrite: Overwrite = False,
+    from_step: Annotated[
+        str | None,
+        typer.Option("--from", help="Redo this step and those using it: data|finetune|measure|screen|compare."),
+    ] = None,
     threads: Threads = 0,
 ) -> None:
     """Finetune on several datasets: shift and projection difference vs trait change, and the steering comparison."""
@@ -402,7 +406,9 @@ def finetune_drift(
         seed=seed,
         batch_size=batch_size,
     )
-    result = drift_experiment(cfg, out, overwrite=overwrite)
+    result = drift_experiment(
+        cfg, out, overwrite=overwrite, rerun_from=from_step, say=lambda line: typer.echo(line, err=True)
+    )
     typer.echo(format_points(result.points))
     for trait, entry in result.summary["by_trait"].items():
         for name in ("shift_vs_trait_change", "projection_difference_vs_trait_change"):

@@ -1,7 +1,10 @@
 """The finetuning-drift experiment: does the shift along a persona vector, and the projection difference measured
 before training, predict how much a dataset teaches a trait? And does preventative steering beat post-hoc steering?
 
-One resumable run directory composes the finetune pieces (Chen et al. 2025, sections 5 and 6):
+One resumable run directory composes the finetune pieces (Chen et al. 2025, sections 5 and 6), as named steps that
+each record a digest of their own inputs (:func:`drift_steps`): changing a setting redoes only the steps that use
+it (a new judge re-measures without retraining; new steering coefficients redo only the comparison), and
+``rerun_from`` / ``--from STEP`` forces a step and those that use it.
 
 1. **datasets** — ``TRAIT:LEVEL`` items are built by context distillation (:func:`build_dataset`), ``arithmetic:LEVEL``
    from the shipped narrow-flaw pool; a path to a JSONL file is used as it is;
@@ -44,7 +47,7 @@ from personascope.residual.steering import chosen_layers
 if TYPE_CHECKING:
     from personascope.judges import Judge
     from personascope.models.loading import Model
-    from personascope.runs import RunDir
+    from personascope.runs import RunDir, Step
     from personascope.traits import TraitSpec
     from personascope.vectors import PersonaVector
 
@@ -204,11 +207,57 @@ def _base_answers(run: RunDir, model: Model, prompts: list[list[dict[str, str]]]
     return [by_key[k] for k in keys]
 
 
+def drift_steps(
+    cfg: DriftConfig, vectors: Sequence[tuple[str, PersonaVector, int, TraitSpec]], judge_spec: str
+) -> list[Step]:
+    """data → finetune → measure, data → screen, finetune → compare: each step's inputs and outputs."""
+    from personascope.runs import Step
+
+    vecs = {
+        "vectors": [hashlib.sha256(v.directions.numpy().tobytes()).hexdigest()[:16] for _, v, _, _ in vectors],
+        "layers": [layer for _, _, layer, _ in vectors],
+    }
+    scoring = {
+        "judge": judge_spec,
+        "n_questions": cfg.n_questions,
+        "samples_per_question": cfg.samples_per_question,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
+    names = [parse_dataset(d)[0] for d in cfg.datasets]
+    compared = parse_dataset(cfg.compare)[0] if cfg.compare is not None else None
+    data = {k: getattr(cfg, k) for k in ("model", "datasets", "n", "data_max_new_tokens", "temperature", "seed")}
+    return [
+        Step("data", data, ("data",), after=()),
+        Step(
+            "finetune",
+            {"finetune": cfg.finetune, "track": cfg.track, "track_every": cfg.track_every},
+            tuple(f"finetune/{n}" for n in names),
+            after=("data",),
+        ),
+        Step("measure", vecs | scoring, ("points.jsonl", "replies.jsonl", "scores.jsonl"), after=("finetune",)),
+        Step("screen", vecs, ("screen", "base_answers.jsonl"), after=("data",)),
+        Step(
+            "compare",
+            vecs | scoring | {k: getattr(cfg, k) for k in ("compare", "steer_coef", "posthoc_coefs", "mcq_limit")},
+            ("compare", f"finetune/{compared}+steer", f"finetune/{compared}+caft") if compared else ("compare",),
+            after=("finetune",),
+        ),
+    ]
+
+
 def drift_experiment(
-    cfg: DriftConfig, out: str | Path, *, overwrite: bool = False, model: Model | None = None, judge: Any = None
+    cfg: DriftConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    model: Model | None = None,
+    judge: Any = None,
+    rerun_from: str | None = None,
+    say: Any = None,
 ) -> DriftResult:
     """Run (or resume) the experiment into ``out`` (see the module docstring); ``model`` may be passed pre-loaded,
-    ``judge`` as a judge object (default: built from ``cfg.judge``)."""
+    ``judge`` as a judge object (default: built from ``cfg.judge``). ``rerun_from`` forces a step (and the steps
+    that use it); ``say`` (e.g. ``print``) hears which steps run again and why."""
     from personascope.finetune.datasets import dataset_digest, load_chat_jsonl, write_chat_jsonl
     from personascope.models.loading import load_model
     from personascope.pipelines.common import build_judge
@@ -237,7 +286,10 @@ def drift_experiment(
         "resolved_layers": [layer for _, _, layer, _ in vectors],
         "vector_sha256": [dataset_digest(p) for p in cfg.vectors],
     }
-    run = RunDir(out, config, overwrite=overwrite, kind="finetune-drift")
+    plan = drift_steps(cfg, vectors, judge_spec)
+    run = RunDir(out, config, overwrite=overwrite, kind="finetune-drift", steps=plan, rerun_from=rerun_from)
+    if say is not None and run.describe_rerun():
+        say(run.describe_rerun())
     run.note("model_fingerprint", base.fingerprint())
     judge = judge if judge is not None else build_judge(judge_spec, model=base)
     measure = _Measurer(run, judge, cfg)
@@ -266,6 +318,7 @@ def drift_experiment(
             )
             given = built.dataset
         datasets[item] = given
+    run.step("data", "done", datasets={k: str(v) for k, v in datasets.items()})
 
     # 3. (base first) the base model's scores per trait
     base_scores = {t.name: measure.trait_scores(base, "base", t) for *_, t in vectors}
@@ -316,6 +369,8 @@ def drift_experiment(
         result = finetune(ft_cfg, ft_dir, model=base)
         record_point(name, item, result.steps, result.model)
         del result
+    run.step("finetune", "done")
+    run.step("measure", "done", points=len(done_points))
 
     # 4. screening: projection difference of each dataset against the base model's own answers
     screens: dict[tuple[str, str], dict[str, Any]] = {}
@@ -349,10 +404,13 @@ def drift_experiment(
                 "n": res.n,
             }
 
+    run.step("screen", "done")
+
     # 5. the steering comparison
     compare_rows: list[dict[str, Any]] = []
     if cfg.compare is not None:
         compare_rows = _compare(cfg, run, base, judge, vectors, datasets[cfg.compare], train_cfg)
+    run.step("compare", "done", rows=len(compare_rows))
 
     points = [done_points[k] for k in sorted(done_points)]
     for p in points:
