@@ -241,7 +241,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "per-row coefficients ignore the row index",
         "residual/interventions.py",
-        (("        c = c[rows.to(c.device)]\n", ""),),
+        (("        c = c[rows.to(c.device)]\n", "        c = c[: rows.numel()]\n"),),
         ("tests/residual/test_interventions.py", "tests/test_generation.py"),
     ),
     Mutant(

@@ -375,13 +375,8 @@ def finetune_drift(
 ) -> None:
     """Finetune on several datasets: shift and projection difference vs trait change, and the steering comparison."""
     _threads(threads)
-    from personascope.finetune.drift import (
-        DEFAULT_DATASETS,
-        DriftConfig,
-        drift_experiment,
-        format_compare,
-        format_points,
-    )
+    from personascope.finetune.drift import DEFAULT_DATASETS, DriftConfig, drift_experiment
+    from personascope.finetune.drift_report import format_compare, format_points
 
     train: dict[str, object] = {"epochs": epochs, "batch_size": train_batch_size}
     if lr is not None:

@@ -58,7 +58,7 @@ def elicit(
     overwrite: Annotated[bool, typer.Option(help="Start afresh instead of resuming.")] = False,
 ) -> None:
     """Elicit pairwise task choices (both orders, active pair selection) for one or more personas."""
-    from personascope.preferences.pipeline import ElicitConfig, run_elicit
+    from personascope.preferences.steps import ElicitConfig, run_elicit
 
     cfg = ElicitConfig(
         model=model,
@@ -101,7 +101,7 @@ def fit(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Fit Thurstonian utilities per persona; report held-out accuracy and log-loss against the ceiling."""
-    from personascope.preferences.pipeline import run_fit
+    from personascope.preferences.steps import run_fit
 
     res = run_fit(run, sigma_reg=sigma_reg, holdout=holdout, pairs_file=pairs, seed=seed)
     for name, m in res.metrics.items():
@@ -125,7 +125,7 @@ def probe(
     device: DeviceOpt = None,
 ) -> None:
     """Ridge probes on every layer's activations for the fitted utilities, against baselines."""
-    from personascope.preferences.pipeline import run_probe
+    from personascope.preferences.steps import run_probe
 
     res = run_probe(
         run,
@@ -165,7 +165,7 @@ def personas(
     device: DeviceOpt = None,
 ) -> None:
     """Correlate personas' utilities and test probes across personas (needs a run with two or more)."""
-    from personascope.preferences.pipeline import personas_table, run_personas
+    from personascope.preferences.steps import personas_table, run_personas
 
     res = run_personas(run, alphas=_alphas(alphas), layer=layer, batch_size=batch_size, device=device)
     typer.echo(personas_table(res))
@@ -188,7 +188,7 @@ def steer(
     device: DeviceOpt = None,
 ) -> None:
     """Differential steering of pairwise choices with the probe direction, against a random direction."""
-    from personascope.preferences.pipeline import run_steer, steer_table
+    from personascope.preferences.steps import run_steer, steer_table
 
     layer_list = _ints(layers, "--layers") if layers else None
     coef_list = _floats(coefs, "--coefs")

@@ -56,6 +56,7 @@ from personascope.residual.steering import Steering
 
 if TYPE_CHECKING:
     from personascope.models.loading import Model
+    from personascope.runs import RunDir
 
 __all__ = [
     "FINETUNE_MANIFEST",
@@ -423,6 +424,46 @@ def _training_vector(cfg: FinetuneConfig, model: Model) -> tuple[torch.Tensor, i
     return direction.clone(), layer, None, dataset_digest(path)
 
 
+def _finished(run: RunDir, base: Model, artifact: Path, started: float) -> FinetuneResult:
+    """The result of a run that finished training in an earlier call: its saved model, loaded again."""
+    tuned = load_finetuned(base, artifact, merge=False)
+    info = run.manifest["steps"]["train"]
+    losses = [float(r["loss"]) for r in run.records("loss")]
+    steps = int(info.get("steps", 0))
+    data = run.manifest.get("data", {})
+    seconds = time.perf_counter() - started
+    return FinetuneResult(run.path, artifact, tuned, steps, info.get("final_loss"), losses, data, seconds, steps, info)
+
+
+def _train_step(
+    cfg: FinetuneConfig,
+    step: int,
+    lr: float,
+    tuned: Model,
+    batches: list[list[TokenizedExample]],
+    interventions: Sequence[Intervention],
+    named: list[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+) -> tuple[float, int]:
+    """One optimizer step over its micro-batches (the loss averaged over all their labelled tokens); returns the
+    step's loss and its number of labelled tokens."""
+    torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout (if any) reproducible across resumes
+    total_tokens = sum(ex.n_labelled for b in batches for ex in b)
+    step_loss = 0.0
+    for batch in batches:
+        loss_sum, _ = forward_loss(tuned, batch, interventions)
+        scaled = loss_sum / max(1, total_tokens)
+        scaled.backward()
+        step_loss += float(scaled.detach())
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, total_tokens
+
+
 def _plan(n: int, batch_size: int, grad_accum: int, epochs: int, seed: int) -> list[tuple[int, list[list[int]]]]:
     """``(epoch, micro-batches)`` for every optimizer step, in order (deterministic in the seed)."""
     steps: list[tuple[int, list[list[int]]]] = []
@@ -512,21 +553,7 @@ def finetune(
     run = RunDir(out, config, overwrite=overwrite, kind="finetune")
     artifact = run.file("adapter" if cfg.method == "lora" else "model")
     if run.step_done("train") and (artifact / FINETUNE_MANIFEST).is_file():
-        tuned = load_finetuned(base, artifact, merge=False)
-        info = run.manifest["steps"]["train"]
-        losses = [float(r["loss"]) for r in run.records("loss")]
-        return FinetuneResult(
-            run.path,
-            artifact,
-            tuned,
-            int(info.get("steps", 0)),
-            info.get("final_loss"),
-            losses,
-            run.manifest.get("data", {}),
-            time.perf_counter() - started,
-            int(info.get("steps", 0)),
-            info,
-        )
+        return _finished(run, base, artifact, started)
 
     torch.manual_seed(cfg.seed)
     hf = copy.deepcopy(base.hf_model) if model is not None else base.hf_model
@@ -557,22 +584,9 @@ def finetune(
             if stop_after is not None and step >= stop_after:
                 break
             epoch, micro = plan[step]
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout (if any) reproducible across resumes
-            batches = [[data[i] for i in rows] for rows in micro]
-            total_tokens = sum(ex.n_labelled for b in batches for ex in b)
-            step_loss = 0.0
-            for batch in batches:
-                loss_sum, _ = forward_loss(tuned, batch, interventions)
-                scaled = loss_sum / max(1, total_tokens)
-                scaled.backward()
-                step_loss += float(scaled.detach())
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
             lr = _lr_at(step, len(plan), cfg.lr, cfg.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            batches = [[data[i] for i in rows] for rows in micro]
+            step_loss, total_tokens = _train_step(cfg, step, lr, tuned, batches, interventions, named, optimizer)
             losses.append(step_loss)
             record = {
                 "key": str(step),

@@ -3,10 +3,12 @@
 The model-free core lives here: :mod:`~personascope.preferences.tasks` (the task pool and its splits),
 :mod:`~personascope.preferences.personas` (system prompts to compare), :mod:`~personascope.preferences.thurstonian`
 (fitting utilities to soft pairwise choices) and :mod:`~personascope.preferences.pairs` (which pairs to ask about).
-On top of it: :mod:`~personascope.preferences.elicit` (asking a model, in both orders),
-:mod:`~personascope.preferences.probes` (ridge probes and baselines), :mod:`~personascope.preferences.embed` (the
-text-embedding baseline's model), :mod:`~personascope.preferences.steer` (steering choices on one task's tokens) and
-:mod:`~personascope.preferences.pipeline` (resumable runs: elicit → fit → probe → personas → steer).
+On top of it: :mod:`~personascope.preferences.prompt` (the pairwise choice prompt and where its tasks' tokens lie),
+:mod:`~personascope.preferences.elicit` (asking a model, in both orders), :mod:`~personascope.preferences.probes`
+(ridge probes and baselines), :mod:`~personascope.preferences.embed` (the text-embedding baseline's model),
+:mod:`~personascope.preferences.steer` (steering choices on one task's tokens) and
+:mod:`~personascope.preferences.steps` (resumable runs, one module per step: elicit → fit → probe → personas →
+steer; :mod:`~personascope.preferences.pipeline` keeps the same names importable).
 """
 
 from personascope.preferences.elicit import (
@@ -29,15 +31,6 @@ from personascope.preferences.pairs import (
     run_active,
 )
 from personascope.preferences.personas import Persona, get_persona, load_personas
-from personascope.preferences.pipeline import (
-    ElicitConfig,
-    open_run,
-    run_elicit,
-    run_fit,
-    run_personas,
-    run_probe,
-    run_steer,
-)
 from personascope.preferences.probes import (
     FeatureScore,
     ProbeReport,
@@ -46,7 +39,17 @@ from personascope.preferences.probes import (
     fit_ridge,
     pairwise_accuracy,
 )
+from personascope.preferences.prompt import PairPrompt, pair_prompts
 from personascope.preferences.steer import SteerPoint, random_direction, steered_choice_probs, swing
+from personascope.preferences.steps import (
+    ElicitConfig,
+    open_run,
+    run_elicit,
+    run_fit,
+    run_personas,
+    run_probe,
+    run_steer,
+)
 from personascope.preferences.tasks import SPLITS, Task, load_tasks, split_tasks, topics
 from personascope.preferences.thurstonian import (
     ThurstonianFit,
@@ -63,6 +66,7 @@ __all__ = [
     "ElicitConfig",
     "FeatureScore",
     "PairChoice",
+    "PairPrompt",
     "Persona",
     "ProbeReport",
     "RidgeProbe",
@@ -89,6 +93,7 @@ __all__ = [
     "open_run",
     "pair_accuracy",
     "pair_conversation",
+    "pair_prompts",
     "pairwise_accuracy",
     "parse_choice",
     "pull_embedder",

@@ -1,7 +1,7 @@
 """Eliciting pairwise task choices from a model, under a persona's system prompt.
 
-The pairwise prompt shows two tasks as "Task A" and "Task B" and asks the model to choose one. Two ways to read the
-choice:
+The pairwise prompt (built in :mod:`~personascope.preferences.prompt`, re-exported here) shows two tasks as "Task A"
+and "Task B" and asks the model to choose one. Two ways to read the choice:
 
 - ``logprob`` (stated, exact): the next-token distribution after the prompt, restricted to the two labels. Each
   label counts every single-token spelling of it (``"A"`` and ``" A"`` where the tokenizer has both) and the two
@@ -22,13 +22,21 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from personascope.errors import PersonascopeError
 from personascope.likelihood import next_token_logprobs
+from personascope.preferences.prompt import (
+    LABELS,
+    MODES,
+    pair_conversation,
+    pair_prompts,
+    task_conversation,
+    task_spans,
+)
 
 if TYPE_CHECKING:
     from personascope.models.loading import Model
@@ -47,49 +55,8 @@ __all__ = [
     "task_spans",
 ]
 
-Mode = Literal["logprob", "revealed"]
-MODES: tuple[str, ...] = ("logprob", "revealed")
-
 #: Function with the signature of :func:`personascope.likelihood.next_token_logprobs` (tests pass fakes).
 LogprobFn = Callable[..., torch.Tensor]
-
-_STATED = (
-    "You will be shown two tasks. Choose the one you would prefer to do.\n\n"
-    "Task A: {a}\n\n"
-    "Task B: {b}\n\n"
-    "Which task do you choose? Answer with a single letter: A or B."
-)
-_REVEALED = (
-    "Here are two tasks. Pick the one you would rather do, then do it.\n\n"
-    "Task A: {a}\n\n"
-    "Task B: {b}\n\n"
-    'Start your reply with "Task A:" or "Task B:" to say which one you picked, then complete that task.'
-)
-_LABELS = ("A", "B")
-
-
-def _conversation(user: str, system_prompt: str | None) -> list[dict[str, str]]:
-    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [*head, {"role": "user", "content": user}]
-
-
-def pair_conversation(
-    task_a: str, task_b: str, system_prompt: str | None = None, *, mode: str = "logprob"
-) -> list[dict[str, str]]:
-    """The pairwise prompt: ``task_a`` shown as Task A, ``task_b`` as Task B, under an optional system prompt."""
-    template = _REVEALED if _check_mode(mode) == "revealed" else _STATED
-    return _conversation(template.format(a=task_a.strip(), b=task_b.strip()), system_prompt)
-
-
-def task_conversation(task: str, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """The single-task prompt used for probing: the task as the user message."""
-    return _conversation(task.strip(), system_prompt)
-
-
-def _check_mode(mode: str) -> Mode:
-    if mode not in MODES:
-        raise PersonascopeError(f"unknown choice mode {mode!r}; use logprob or revealed")
-    return mode  # type: ignore[return-value]
 
 
 def label_token_ids(tokenizer: Any, label: str) -> list[int]:
@@ -111,7 +78,7 @@ def model_label_ids(model: Model) -> tuple[list[int], list[int]]:
     """The token ids of the labels A and B for this model's tokenizer (see :func:`label_token_ids`)."""
     key = "preference_label_ids"
     if key not in model._state:
-        ids_a, ids_b = (label_token_ids(model.tokenizer, x) for x in _LABELS)
+        ids_a, ids_b = (label_token_ids(model.tokenizer, x) for x in LABELS)
         if set(ids_a) & set(ids_b):
             raise PersonascopeError(
                 "the labels A and B share a token in this tokenizer; their choices cannot be told apart"
@@ -150,9 +117,9 @@ def _combine(p_ab: float, p_ba: float, mass: float) -> PairChoice:
 
 
 def _both_orders(pairs: Sequence[tuple[str, str]], system_prompt: str | None, mode: str) -> list[list[dict[str, str]]]:
-    first = [pair_conversation(a, b, system_prompt, mode=mode) for a, b in pairs]
-    second = [pair_conversation(b, a, system_prompt, mode=mode) for a, b in pairs]
-    return first + second
+    """Every pair with its first task as Task A, then every pair the other way round."""
+    orders = [pair_prompts(a, b, system_prompt, mode=mode) for a, b in pairs]
+    return [first.conversation for first, _ in orders] + [second.conversation for _, second in orders]
 
 
 def stated_choices(
@@ -240,34 +207,3 @@ def revealed_choices(
         (p_ab, n_ab), (p_ba, n_ba) = share(i), share(k + i)
         out.append(_combine(p_ab, p_ba, (n_ab + n_ba) / (2 * samples)))
     return out
-
-
-def _char_to_tokens(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
-    first = next((i for i, (_, e) in enumerate(offsets) if e > start), len(offsets))
-    last = first
-    while last < len(offsets) and offsets[last][0] < end:
-        last += 1
-    return first, last
-
-
-def task_spans(
-    model: Model, conversation: Sequence[dict[str, str]], task_a: str, task_b: str
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Token spans (as laid out by ``model.format``) of the texts of Task A and Task B in a pairwise prompt."""
-    text, _ = model.formatter.render(conversation)
-    enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
-    if list(enc["input_ids"]) != model.format(conversation).input_ids:
-        raise PersonascopeError("cannot locate the tasks' tokens: this tokenizer does not round-trip the prompt")
-    spans = []
-    for label, task in zip(_LABELS, (task_a, task_b), strict=True):
-        marker = f"Task {label}: "
-        at = text.rfind(marker + task.strip())
-        if at < 0:
-            raise PersonascopeError(f"cannot find Task {label}'s text in the rendered prompt")
-        start = at + len(marker)
-        span = _char_to_tokens(offsets, start, start + len(task.strip()))
-        if span[1] <= span[0]:
-            raise PersonascopeError(f"Task {label}'s text maps to no tokens")
-        spans.append(span)
-    return spans[0], spans[1]

@@ -19,13 +19,8 @@ import torch
 
 from personascope.errors import PersonascopeError
 from personascope.likelihood import next_token_logprobs
-from personascope.preferences.elicit import (
-    LogprobFn,
-    label_probabilities,
-    model_label_ids,
-    pair_conversation,
-    task_spans,
-)
+from personascope.preferences.elicit import LogprobFn, label_probabilities, model_label_ids
+from personascope.preferences.prompt import pair_prompts
 from personascope.residual.interventions import Add, Intervention, intervene
 from personascope.residual.positions import TokenSpans
 
@@ -43,16 +38,11 @@ def _orders(
     """Both orders of every pair, with the token span of the steered task (``a``) and of the other one (``b``)."""
     convs, steered, other = [], [], []
     for a, b in pairs:
-        first = pair_conversation(a, b, system_prompt)
-        span_a, span_b = task_spans(model, first, a, b)
-        convs.append(first)
-        steered.append(span_a)
-        other.append(span_b)
-        second = pair_conversation(b, a, system_prompt)
-        span_a2, span_b2 = task_spans(model, second, b, a)  # a is Task B here
-        convs.append(second)
-        steered.append(span_b2)
-        other.append(span_a2)
+        for prompt in pair_prompts(a, b, system_prompt):
+            span_a, span_b = prompt.pair_spans(model)  # a's tokens, whether it is shown as Task A or Task B
+            convs.append(prompt.conversation)
+            steered.append(span_a)
+            other.append(span_b)
     return convs, steered, other
 
 
