@@ -249,6 +249,9 @@ def create_app(
 
     ``steering`` applies to every request (a request may override its coefficient, see the module docs);
     ``max_tokens_limit`` caps ``max_tokens`` (and is the default when a request gives none, within the context).
+
+    (Long because the route handlers are closures over this app's model, lock and steering: each is short, and
+    keeping them here keeps one app's state out of module globals.)
     """
     if max_tokens_limit < 1:
         raise PersonascopeError(f"max_tokens_limit must be at least 1, got {max_tokens_limit}")

@@ -282,7 +282,11 @@ def drift_experiment(
 ) -> DriftResult:
     """Run (or resume) the experiment into ``out`` (see the module docstring); ``model`` may be passed pre-loaded,
     ``judge`` as a judge object (default: built from ``cfg.judge``). ``rerun_from`` forces a step (and the steps
-    that use it); ``say`` (e.g. ``print``) hears which steps run again and why."""
+    that use it); ``say`` (e.g. ``print``) hears which steps run again and why.
+
+    (Long because it is the experiment's script: resolve, open the stepped run, then the five steps in order, each a
+    call into a helper or another pipeline.)
+    """
     from personascope.finetune.datasets import dataset_digest, load_chat_jsonl
     from personascope.models.loading import load_model
     from personascope.pipelines.common import build_judge

@@ -149,7 +149,10 @@ def _reference_answers(path: str, examples: list[ChatExample]) -> list[str]:
 def screen_dataset(
     cfg: ScreenConfig, out: str | Path, *, overwrite: bool = False, model: Model | None = None, judge: Any = None
 ) -> ScreenResult:
-    """Screen a dataset (run or resume into ``out``; see the module docstring)."""
+    """Screen a dataset (run or resume into ``out``; see the module docstring).
+
+    (A little over the house limit: validation, the reference answers, the capture and the outputs in order.)
+    """
     from personascope.models.loading import load_model
     from personascope.pipelines.common import Job, build_judge, run_generation, run_judging
     from personascope.runs import RunDir

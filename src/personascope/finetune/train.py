@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from personascope.errors import PersonascopeError
+from personascope.finetune.checkpoints import checkpoints, restore_checkpoint, save_checkpoint
 from personascope.finetune.datasets import (
     IGNORE,
     TokenizedExample,
@@ -221,91 +222,6 @@ def forward_loss(
         logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
     return loss, n_tokens
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, entries in state["state"].items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    for pid, entries in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(entries)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _checkpoints(run_path: Path) -> list[Path]:
-    folder = run_path / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-"))
-
-
-def _save_checkpoint(
-    run_path: Path, step: int, named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer
-) -> Path:
-    from safetensors.torch import save_file
-
-    folder = run_path / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".partial-step-{step:06d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({n: p.detach().to("cpu").contiguous() for n, p in named}, str(tmp / "params.safetensors"))
-    tensors, meta = _optimizer_to_flat(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "names": [n for n, _ in named], "optimizer": meta}))
-    final = folder / f"step-{step:06d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in _checkpoints(run_path):
-        if old != final:
-            shutil.rmtree(old)
-    return final
-
-
-def _restore_checkpoint(
-    run_path: Path, named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer
-) -> int:
-    """Load the latest complete checkpoint into the parameters and optimizer; returns its step (0 if none)."""
-    from safetensors.torch import load_file
-
-    found = _checkpoints(run_path)
-    if not found:
-        return 0
-    latest = found[-1]
-    try:
-        info = json.loads((latest / "state.json").read_text())
-        params = load_file(str(latest / "params.safetensors"))
-        opt_tensors = load_file(str(latest / "optimizer.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise PersonascopeError(
-            f"checkpoint {latest} is unreadable ({exc}); pass --overwrite to start afresh"
-        ) from None
-    if info.get("names") != [n for n, _ in named]:
-        raise PersonascopeError(f"checkpoint {latest} holds other parameters; pass --overwrite to start afresh")
-    with torch.no_grad():
-        for name, p in named:
-            p.copy_(params[name].to(p.device, p.dtype))
-    optimizer.load_state_dict(_optimizer_from_flat(opt_tensors, info["optimizer"]))
-    return int(info["step"])
 
 
 # ------------------------------------------------------------------------------------------------ manifests, loading
@@ -523,6 +439,9 @@ def finetune(
     ``model`` may be passed pre-loaded: it is copied, never modified. ``stop_after=N`` stops after optimizer step
     ``N`` with a checkpoint, as an interruption would (the next call resumes from it); the result then holds the
     partly trained model and no saved artifact.
+
+    (Its length is the training loop with checkpointing and resume, kept in one piece so the order of seeding,
+    restoring and saving reads top to bottom; the step itself is :func:`_train_step`.)
     """
     from personascope.models.loading import Model as ModelCls
     from personascope.models.loading import load_model
@@ -570,7 +489,7 @@ def finetune(
     assert cfg.lr is not None
     optimizer = torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
     plan = _plan(len(data), cfg.batch_size, cfg.grad_accum, cfg.epochs, cfg.seed)
-    start = _restore_checkpoint(run.path, named, optimizer)
+    start = restore_checkpoint(run.path, named, optimizer)
     run.step("train", "running", total_steps=len(plan), resumed_from=start)
     hf.train()
     earlier = [r for r in sorted(run.records("loss"), key=lambda r: int(r["step"])) if int(r["step"]) < start]
@@ -603,7 +522,7 @@ def finetune(
             completed = step + 1
             interrupted = stop_after is not None and completed >= stop_after
             if completed < len(plan) and (completed % cfg.checkpoint_every == 0 or interrupted):
-                _save_checkpoint(run.path, completed, named, optimizer)
+                save_checkpoint(run.path, completed, named, optimizer)
     last_loss = losses[-1] if losses else None
     hf.eval()
     steps_done = completed
@@ -634,7 +553,7 @@ def finetune(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _save_artifact(hf, base, artifact, manifest, cfg.method)
-    for old in _checkpoints(run.path):
+    for old in checkpoints(run.path):
         shutil.rmtree(old)
     info = {"steps": steps_done, "final_loss": last_loss, "seconds": seconds, "artifact": str(artifact)}
     run.step("train", "done", **info)
