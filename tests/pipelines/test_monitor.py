@@ -153,3 +153,18 @@ def test_monitor_file_is_the_cli_flow_as_a_function(model: Model, tmp_path) -> N
     with pytest.raises(PersonascopeError, match="no chosen layer"):
         monitor_file(_vector(model), src, tmp_path / "x.csv", model="never-loaded")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "rows.csv"]
+
+
+def test_a_vector_zero_at_some_layers_projects_nan_there(model: Model) -> None:
+    directions = torch.randn(model.num_layers + 1, model.hidden_size)
+    directions[0] = 0.0  # as a contrast of two prompts that end in the same token is, at the embedding layer
+    vec = ps.PersonaVector.for_model(model, directions)
+    got = ps.project(model, [CHAT[:1], CONV[:2]], vec)
+    assert torch.isnan(got[:, 0]).all() and torch.isfinite(got[:, 1:]).all()
+    ref = ps.capture(model, [CHAT[:1], CONV[:2]], reductions=["prompt_last"])["prompt_last"]
+    units = directions[1:] / directions[1:].norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(got[:, 1:], (ref[:, 1:] * units).sum(-1), atol=1e-4, rtol=1e-4)
+    with pytest.raises(PersonascopeError, match="direction is zero"):
+        ps.project(model, [CHAT[:1]], ps.PersonaVector.for_model(model, torch.zeros_like(directions)))
+    with pytest.raises(PersonascopeError, match="direction is zero"):
+        ps.capture(model, [CONV], directions=torch.zeros(model.hidden_size))

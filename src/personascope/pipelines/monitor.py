@@ -39,7 +39,10 @@ def project(
     batch_size: int = 16,
     progress: bool | None = None,
 ) -> torch.Tensor:
-    """Projection on the unit persona direction, ``[N, len(layers)]`` (all layers by default)."""
+    """Projection on the unit persona direction, ``[N, len(layers)]`` (all layers by default).
+
+    Layers where the vector is zero (a contrast of two prompts ending in the same token is zero at layer 0) give
+    NaN, so a projection over all layers works for any vector with a direction somewhere."""
     vector.check_compatible(model)
     out = capture(
         model,

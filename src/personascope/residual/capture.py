@@ -78,6 +78,9 @@ def _directions_tensor(
 
     if directions is None:
         return None
+    per_layer = isinstance(directions, PersonaVector) or (
+        isinstance(directions, torch.Tensor) and directions.dim() == 3
+    )
     if isinstance(directions, PersonaVector):
         directions.check_compatible(model)
         d = directions.directions[layers].unsqueeze(1)
@@ -100,9 +103,12 @@ def _directions_tensor(
             f"directions have size {d.shape[-1]} but {model.name} has hidden size {model.hidden_size}"
         )
     norms = d.norm(dim=-1, keepdim=True)
-    if (norms == 0).any():
+    zero = norms == 0
+    if bool(zero.all()) or (not per_layer and bool(zero.any())):
         raise PersonascopeError("a projection direction is zero; pass non-zero directions")
-    return (d / norms).float()
+    # per-layer directions may be zero at some layers (e.g. at the embedding layer, when both prompts of a contrast
+    # end in the same token): the projection is NaN there rather than an error for the whole call
+    return (d / norms.masked_fill(zero, float("nan"))).float()
 
 
 def _layers(model: Model, layers: Sequence[int] | None) -> list[int]:
@@ -142,7 +148,8 @@ def capture(
     Returns ``{reduction: tensor}``, each float32 ``[N, len(layers), hidden]`` (all ``num_layers + 1`` layers when
     ``layers`` is None, in the order given). With ``directions`` (a PersonaVector, ``[D, hidden]`` shared by all
     layers, or ``[num_layers + 1, D, hidden]``), returns projections on the unit directions instead,
-    ``[N, len(layers), D]``. Reductions: ``response_mean`` (mean over the trailing assistant message's content
+    ``[N, len(layers), D]`` (NaN at a layer where a per-layer direction is zero; all zero, or a zero shared
+    direction, is an error). Reductions: ``response_mean`` (mean over the trailing assistant message's content
     tokens), ``prompt_mean`` (mean over prompt tokens), ``prompt_last`` (the last prompt token, i.e. the end of the
     assistant header, where the model is about to answer). ``progress=None`` shows a bar for more than one batch.
     """
