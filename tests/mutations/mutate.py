@@ -192,7 +192,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "projection directions not normalised",
         "residual/capture.py",
-        (("    return (d / norms).float()", "    return d.float()"),),
+        (('    return (d / norms.masked_fill(zero, float("nan"))).float()', "    return d.float()"),),
         ("tests/residual/test_capture.py", "tests/pipelines/test_monitor.py"),
     ),
     Mutant(
