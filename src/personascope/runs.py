@@ -73,7 +73,8 @@ def _digest(value: Any) -> str:
 
 class RunDir:
     """A resumable run directory. ``config`` must be JSON-serialisable; with ``steps`` (see the module docs) each
-    step resumes on its own inputs, without them the whole ``config`` decides whether a run can resume."""
+    step resumes on its own inputs, without them the whole ``config`` decides whether a run can resume. ``say``
+    (e.g. ``print``) hears one line when steps run again (:meth:`describe_rerun`)."""
 
     def __init__(
         self,
@@ -84,6 +85,7 @@ class RunDir:
         kind: str = "run",
         steps: Sequence[Step] | None = None,
         rerun_from: str | None = None,
+        say: Callable[[str], None] | None = None,
     ):
         self.path = Path(path)
         self.config = json.loads(json.dumps(dict(config)))
@@ -143,6 +145,9 @@ class RunDir:
         if self.steps is not None:
             self._reconcile(rerun_from)
         self.save_manifest()
+        line = self.describe_rerun()
+        if say is not None and line is not None:
+            say(line)
 
     # ------------------------------------------------------------------ steps
     def _has_digests(self) -> bool:

@@ -22,6 +22,7 @@ from personascope.traits import load_trait
 from personascope.vectors import PersonaVector
 from tests.cli.helpers import one_line_error, save_tiny
 from tests.cli.helpers import run as run_cli
+from tests.figures import keep_figures
 from tests.finetune.helpers import LengthJudge, write_dataset
 
 
@@ -59,15 +60,7 @@ def _keep_figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Keep every Figure the report plots save (they are still written to disk)."""
     import personascope.report.plots as plots
 
-    figures: list[Any] = []
-    real = plots._save
-
-    def keep(plt: Any, fig: Any, path: Any) -> Path:
-        figures.append(fig)
-        return real(plt, fig, path)
-
-    monkeypatch.setattr(plots, "_save", keep)
-    return figures
+    return keep_figures(monkeypatch, plots)
 
 
 def test_drift_experiment_end_to_end_and_resume(

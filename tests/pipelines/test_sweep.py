@@ -17,6 +17,7 @@ from personascope.judges import JudgeItem, JudgeResult
 from personascope.pipelines.sweep import SweepConfig, _monotone, default_layers, sweep
 from personascope.testing import tiny_model
 from personascope.traits import TraitSpec, load_trait
+from tests.figures import keep_figures
 
 
 class LengthJudge:
@@ -49,15 +50,7 @@ def _keep_figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Keep every Figure the report plots save (they are still written to disk)."""
     import personascope.report.plots as plots
 
-    figures: list[Any] = []
-    real = plots._save
-
-    def keep(plt: Any, fig: Any, path: Any) -> Path:
-        figures.append(fig)
-        return real(plt, fig, path)
-
-    monkeypatch.setattr(plots, "_save", keep)
-    return figures
+    return keep_figures(monkeypatch, plots)
 
 
 def _mean_ci(values: list[float]) -> tuple[float, float]:

@@ -27,6 +27,7 @@ from personascope.preferences.pipeline import (
 from personascope.preferences.tasks import load_tasks
 from personascope.residual.capture import capture
 from personascope.vectors import PersonaVector
+from tests.figures import keep_figures
 from tests.preferences.helpers import planted_logprob_fn
 
 
@@ -40,18 +41,10 @@ def planted_utilities(seed: int = 0) -> dict[str, float]:
 
 
 def _keep_figures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Keep every Figure the preference plots save (they are still written to disk)."""
+    """Keep every Figure the report plots save (they are still written to disk)."""
     import personascope.report.prefs_plots as prefs_plots
 
-    figures: list[Any] = []
-    real = prefs_plots._save
-
-    def keep(plt: Any, fig: Any, path: Any) -> Path:
-        figures.append(fig)
-        return real(plt, fig, path)
-
-    monkeypatch.setattr(prefs_plots, "_save", keep)
-    return figures
+    return keep_figures(monkeypatch, prefs_plots)
 
 
 def _r(a: np.ndarray, b: np.ndarray) -> float:

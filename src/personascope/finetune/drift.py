@@ -316,9 +316,7 @@ def drift_experiment(
         "vector_sha256": [dataset_digest(p) for p in cfg.vectors],
     }
     plan = drift_steps(cfg, vectors, judge_spec)
-    run = RunDir(out, config, overwrite=overwrite, kind="finetune-drift", steps=plan, rerun_from=rerun_from)
-    if say is not None and run.describe_rerun():
-        say(run.describe_rerun())
+    run = RunDir(out, config, overwrite=overwrite, kind="finetune-drift", steps=plan, rerun_from=rerun_from, say=say)
     run.note("model_fingerprint", base.fingerprint())
     judge = judge if judge is not None else build_judge(judge_spec, model=base)
     measure = _Measurer(run, judge, cfg)

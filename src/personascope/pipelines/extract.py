@@ -186,11 +186,8 @@ def extract(
     cfg = cfg.resolved()
     trait = load_trait(cfg.trait)
     config = asdict(cfg) | {"trait_spec": trait.to_dict()}
-    run = RunDir(
-        out, config, overwrite=overwrite, kind="extract", steps=extract_steps(cfg, trait), rerun_from=rerun_from
-    )
-    if say is not None and run.describe_rerun():
-        say(run.describe_rerun())
+    steps = extract_steps(cfg, trait)
+    run = RunDir(out, config, overwrite=overwrite, kind="extract", steps=steps, rerun_from=rerun_from, say=say)
     m = model if model is not None else load_model(cfg.model)
     run.note("model_fingerprint", m.fingerprint())
     judge_obj = judge if judge is not None else build_judge(str(cfg.judge), model=m)

@@ -144,9 +144,7 @@ def sweep(
         raise PersonascopeError("a sweep needs scores; choose a judge other than 'none'")
     config = asdict(cfg) | {"layers": layers, "judge": judge_spec, "vector_sha": _file_digest(cfg.vector)}
     steps = sweep_steps(cfg, vector, trait, cfg.model, judge_spec)
-    run = RunDir(out, config, overwrite=overwrite, kind="sweep", steps=steps, rerun_from=rerun_from)
-    if say is not None and run.describe_rerun():
-        say(run.describe_rerun())
+    run = RunDir(out, config, overwrite=overwrite, kind="sweep", steps=steps, rerun_from=rerun_from, say=say)
     run.note("model_fingerprint", m.fingerprint())
     judge_obj = judge if judge is not None else build_judge(judge_spec, model=m)
 
