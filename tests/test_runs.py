@@ -193,3 +193,32 @@ def test_steps_rerun_what_depends_on_a_change_and_nothing_else(tmp_path: Path) -
     with pytest.raises(PersonascopeError, match="not earlier steps"):
         RunDir(tmp_path / "s", {}, steps=[Step("a", after=("b",)), Step("b")])
     assert not (tmp_path / "s").exists()  # refused before anything is written
+
+
+def test_a_damaged_middle_record_is_kept_aside_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run = RunDir(tmp_path / "r", {"a": 1})
+    run.append("rec", [{"key": f"k{i}", "v": i} for i in range(5)])
+    path = tmp_path / "r" / "rec.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[2] = '{"key": "k2", "v": 2, "oops\n'  # damaged in the middle (a bad disk block, a stray edit)
+    lines.insert(4, '["not", "a", "record"]\n')  # valid JSON, but not a record
+    path.write_text("".join(lines) + '{"key": "k9", "v')  # and a final line torn by a crash
+    with caplog.at_level("WARNING", logger="personascope.runs"):
+        records = RunDir(tmp_path / "r", {"a": 1}).records("rec")
+    assert [r["key"] for r in records] == ["k0", "k1", "k3", "k4"]  # everything valid after the damage is kept
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "rec.jsonl: line 3, 5 not a valid record; moved to" in message and "rec.jsonl.corrupt" in message
+    corrupt = (tmp_path / "r" / "rec.jsonl.corrupt").read_text().splitlines()
+    assert corrupt == ['{"key": "k2", "v": 2, "oops', '["not", "a", "record"]']
+    assert [json.loads(x)["key"] for x in path.read_text().splitlines()] == ["k0", "k1", "k3", "k4"]
+    again = RunDir(tmp_path / "r", {"a": 1})
+    assert again.records("rec") == records and again.corrupt == {}  # reported once: the file is clean now
+
+
+def test_a_complete_last_record_without_its_newline_is_kept(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "r", {"a": 1})
+    run.append("rec", [{"key": "a"}])
+    with (tmp_path / "r" / "rec.jsonl").open("a") as fh:
+        fh.write('{"key": "b"}')  # the crash came between the record and its newline
+    assert [r["key"] for r in run.records("rec")] == ["a", "b"]
+    assert (tmp_path / "r" / "rec.jsonl").read_text() == '{"key": "a"}\n{"key": "b"}\n'

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -32,6 +33,8 @@ from personascope.errors import PersonascopeError
 from personascope.io import atomic_open, atomic_path
 
 MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
@@ -67,6 +70,15 @@ class Step:
     after: tuple[str, ...] | None = None
 
 
+def _parse_record(line: bytes) -> dict[str, Any] | None:
+    """A run record (a JSON object with a ``key``), or ``None`` for a damaged line."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and "key" in record else None
+
+
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
@@ -94,6 +106,8 @@ class RunDir:
         self.rerun: list[str] = []
         #: for each re-run step, the inputs that changed (empty when forced)
         self.changed: dict[str, list[str]] = {}
+        #: line numbers of damaged records moved to ``NAME.jsonl.corrupt``, by record file name
+        self.corrupt: dict[str, list[int]] = {}
         if self.steps is not None:
             names = [st.name for st in self.steps]
             if len(set(names)) != len(names):
@@ -250,33 +264,52 @@ class RunDir:
         return self.path / name
 
     def records(self, name: str) -> list[dict[str, Any]]:
-        """Records of ``NAME.jsonl`` de-duplicated by key; a torn final line is removed from the file."""
+        """Records of ``NAME.jsonl`` de-duplicated by key (the first one wins).
+
+        A final line cut short by a crash (no newline, not valid JSON) is removed from the file. A damaged line
+        anywhere else is never dropped unseen: it is moved to ``NAME.jsonl.corrupt`` beside the file, a warning
+        names its line number, and every valid record after it is kept (the pipeline redoes only what it lost).
+        """
         path = self.path / f"{name}.jsonl"
         if not path.exists():
             return []
         raw = path.read_bytes()
-        good_end = 0
+        lines = raw.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline; else the last line, possibly torn
+        kept: list[bytes] = []
+        bad: list[tuple[int, bytes]] = []
         out: list[dict[str, Any]] = []
         seen: set[str] = set()
-        pos = 0
-        while pos < len(raw):
-            newline = raw.find(b"\n", pos)
-            if newline < 0:
-                break  # a final line without newline: torn by a crash
-            line = raw[pos:newline]
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a torn line; what follows cannot be trusted either
-            pos = newline + 1
-            good_end = pos
+        for number, line in enumerate([*lines, tail] if tail else lines, 1):
+            if not line.strip():
+                continue
+            record = _parse_record(line)
+            if record is None:
+                if number == len(lines) + 1:
+                    continue  # the torn final line of a crash: what was being written, lost with the crash
+                bad.append((number, line))
+                continue
+            kept.append(line)
             key = str(record.get("key"))
             if key not in seen:
                 seen.add(key)
                 out.append(record)
-        if good_end < len(raw):
-            with path.open("r+b") as fh:
-                fh.truncate(good_end)
+        if bad or tail:
+            if bad:
+                corrupt = path.with_name(path.name + ".corrupt")
+                with corrupt.open("ab") as fh:
+                    fh.write(b"".join(line + b"\n" for _, line in bad))
+                numbers = ", ".join(str(n) for n, _ in bad)
+                log.warning(
+                    "%s: line %s not a valid record; moved to %s (the %d valid records are kept)",
+                    path,
+                    numbers,
+                    corrupt,
+                    len(kept),
+                )
+                self.corrupt.setdefault(name, []).extend(n for n, _ in bad)
+            with atomic_open(path, "wb") as fh:
+                fh.write(b"".join(line + b"\n" for line in kept))
         return out
 
     def cached_tensors(

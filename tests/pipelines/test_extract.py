@@ -307,3 +307,25 @@ def test_a_run_from_before_step_digests_resumes_when_its_config_matches(tmp_path
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(PersonascopeError, match=r"different config \(threshold differ\).*--from STEP"):
         extract(ExtractConfig(**CFG, threshold=10), tmp_path / "run", model=model, judge=judge)
+
+
+def test_a_damaged_middle_rollout_is_redone_and_the_result_is_unchanged(tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]
+    cfg = ExtractConfig(**CFG, threshold=0)
+    clean = extract(cfg, tmp_path / "clean", model=model, judge=PolarityJudge())
+    run = tmp_path / "damaged"
+    extract(cfg, run, model=model, judge=PolarityJudge())
+    lines = (run / "rollouts.jsonl").read_text().splitlines(keepends=True)
+    damaged_key = json.loads(lines[5])["key"]
+    lines[5] = lines[5][: len(lines[5]) // 2] + "\n"  # one record in the middle cut in half
+    (run / "rollouts.jsonl").write_text("".join(lines))
+    resumed = extract(cfg, run, model=model, judge=PolarityJudge())
+    assert (run / "rollouts.jsonl.corrupt").read_text() == lines[5]
+    by_key = {json.loads(x)["key"]: x for x in (run / "rollouts.jsonl").read_text().splitlines()}
+    clean_by_key = {json.loads(x)["key"]: x for x in (tmp_path / "clean" / "rollouts.jsonl").read_text().splitlines()}
+    assert by_key == clean_by_key and damaged_key in by_key  # regenerated, identical (seeded per job)
+    assert resumed.kept == clean.kept
+    for method in clean.vectors:
+        torch.testing.assert_close(
+            ps.PersonaVector.load(resumed.vectors[method]).directions,
+            ps.PersonaVector.load(clean.vectors[method]).directions,
+        )
