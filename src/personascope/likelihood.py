@@ -30,14 +30,6 @@ if TYPE_CHECKING:
 __all__ = ["mean_response_logprob", "next_token_logprobs", "response_logprobs"]
 
 
-def _forward_logits(
-    model: Model, ids: torch.Tensor, roles: torch.Tensor, rows: list[int], keep: int
-) -> tuple[torch.Tensor, int]:
-    """Logits of the last ``keep`` positions (or all, if the model cannot trim), and the offset of the first one."""
-    out, offset = forward(model, ids, roles, rows, keep_last=keep)
-    return out.logits, offset
-
-
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise PersonascopeError("batch_size must be at least 1")
@@ -74,11 +66,14 @@ def response_logprobs(
     show = progress if progress is not None else len(batches) > 1
     with tqdm(total=len(formatted), desc="score", unit="conv", disable=not show) as bar:
         for rows in batches:
-            ids, roles = pad([formatted[i].input_ids for i in rows], [roles_for(formatted[i]) for i in rows], pad_id)
+            ids, roles = pad(
+                [formatted[i].input_ids for i in rows], [roles_for(formatted[i]) for i in rows], pad_id, device=device
+            )
             width = ids.shape[1]
             # logits at position t predict token t + 1: we need positions start - 1 .. end - 2
             first = min(_span(formatted[i])[0] for i in rows) - 1
-            logits, offset = _forward_logits(model, ids.to(device), roles.to(device), rows, width - first)
+            out, offset = forward(model, ids, roles, rows, keep_last=width - first)
+            logits = out.logits
             for b, i in enumerate(rows):
                 start, end = _span(formatted[i])
                 step = logits[b, start - 1 - offset : end - 1 - offset].float().log_softmax(dim=-1)
@@ -148,10 +143,12 @@ def next_token_logprobs(
                 [prompts[i] for i in rows],
                 [[PROMPT] * (len(prompts[i]) - 1) + [PROMPT_LAST] for i in rows],
                 pad_id,
+                device=device,
             )
             width = ids.shape[1]
             shortest = min(len(prompts[i]) for i in rows)
-            logits, offset = _forward_logits(model, ids.to(device), roles.to(device), rows, width - shortest + 1)
+            result, offset = forward(model, ids, roles, rows, keep_last=width - shortest + 1)
+            logits = result.logits
             last = torch.tensor([len(prompts[i]) - 1 - offset for i in rows], device=logits.device)
             picked = logits[torch.arange(len(rows), device=logits.device), last].float().log_softmax(dim=-1).cpu()
             if out is None:

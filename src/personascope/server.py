@@ -402,9 +402,9 @@ def create_app(
             except Exception:
                 log.exception("generation failed")
                 raise _APIError(500, "generation failed; see the server log", type="server_error") from None
-        return _response(gen, job)
+        return _response(gen, job, active)
 
-    def _response(gen: Generation, job: dict[str, Any]) -> dict[str, Any]:
+    def _response(gen: Generation, job: dict[str, Any], active: Steering | None) -> dict[str, Any]:
         choice: dict[str, Any] = {
             "index": 0,
             "message": {"role": "assistant", "content": gen.text},
@@ -437,8 +437,7 @@ def create_app(
                 "total_tokens": len(gen.prompt_ids) + completion,
             },
         }
-        if steering is not None:
-            active = steering if job["coef"] is None else steering.with_coef(job["coef"])
+        if active is not None:
             out["personascope"] = {k: v for k, v in _public(active).items() if k != "positions"}
         return out
 

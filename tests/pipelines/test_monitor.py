@@ -112,7 +112,7 @@ def test_monitor_turns_match_prefix_projections(model: Model, tmp_path: Path) ->
 def test_monitor_turns_default_layer_and_several_conversations(model: Model) -> None:
     vec = _vector(model)
     # without layers: the vector's chosen layer, and a clear error when it has none (no silent middle layer)
-    with pytest.raises(PersonascopeError, match=r"no chosen layer; pass --layers"):
+    with pytest.raises(PersonascopeError, match=r"no chosen layer; pass --layer \(layers= in Python\)"):
         monitor_turns(model, [CHAT], vec)
     chosen = ps.PersonaVector(vec.directions, {**vec.metadata, "chosen_layer": 3})
     rows = monitor_turns(model, [CHAT, CHAT[:2]], chosen, layers=None)

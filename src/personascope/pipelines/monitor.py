@@ -21,7 +21,7 @@ import torch
 from personascope.errors import PersonascopeError
 from personascope.models.chat import Conversation, FormattedConversation
 from personascope.residual.capture import capture, capture_spans, format_all
-from personascope.residual.steering import chosen_layers
+from personascope.residual.steering import chosen_layers, require_chosen_layer
 from personascope.vectors import PersonaVector
 
 if TYPE_CHECKING:
@@ -93,7 +93,8 @@ def monitor_turns(
 ) -> list[TurnProjection]:
     """One row per conversation, turn, kind and layer (see the module docstring)."""
     vector.check_compatible(model)
-    layer_list = chosen_layers(model, vector, list(layers) if layers is not None else None, flag="--layers")
+    layers_given = list(layers) if layers is not None else None
+    layer_list = chosen_layers(model, vector, layers_given, flag="--layer", python="layers")
     formatted = format_all(model, conversations)
     rows: list[TurnProjection] = []
     for i, (conv, fc) in enumerate(zip(conversations, formatted, strict=True)):
@@ -165,11 +166,9 @@ def monitor_file(
         raise PersonascopeError(f"--out must end in .csv or .jsonl, got '{Path(out).name}'")
     if plot is not None and Path(plot).suffix != ".png":
         raise PersonascopeError(f"--plot must end in .png, got '{Path(plot).name}'")
-    if not layers and vec.chosen_layer is None:
-        raise PersonascopeError(
-            f"{vector if not isinstance(vector, PersonaVector) else 'the vector'} has no chosen layer; pass --layer "
-            "(layers= in Python) or run `personascope sweep` on it"
-        )
+    if not layers:
+        source = None if isinstance(vector, PersonaVector) else str(vector)
+        require_chosen_layer(vec, source=source, flag="--layer", python="layers")
     m = load_model(model, device=device) if isinstance(model, str) else model
     vec.check_compatible(m)
     rows = monitor_turns(m, convs, vec, layers=list(layers) if layers else None)

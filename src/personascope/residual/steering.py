@@ -49,8 +49,8 @@ def _name(vector: Any, source: str | None) -> str:
     return f"the {trait} vector" if trait else "the vector"
 
 
-def _flag_hint(flag: str) -> str:
-    return f"pass {flag} ({flag.lstrip('-')}= in Python)"
+def _flag_hint(flag: str, python: str | None = None) -> str:
+    return f"pass {flag} ({python or flag.lstrip('-')}= in Python)"
 
 
 def check_coef(coef: Any, what: str = "the steering coefficient") -> Coef:
@@ -71,30 +71,39 @@ def check_coef(coef: Any, what: str = "the steering coefficient") -> Coef:
     return float(coef)
 
 
-def _no_layer(vector: Any, source: str | None, flag: str) -> PersonascopeError:
-    return PersonascopeError(
-        f"{_name(vector, source)} has no chosen layer; {_flag_hint(flag)} or run `personascope sweep` on it"
-    )
+def require_chosen_layer(
+    vector: Any, *, source: str | None = None, flag: str = "--layer", python: str | None = None
+) -> int:
+    """The vector's chosen layer, or the one-line error naming the flag (and Python argument) to pass instead."""
+    chosen = getattr(vector, "chosen_layer", None)
+    if chosen is None:
+        raise PersonascopeError(
+            f"{_name(vector, source)} has no chosen layer; {_flag_hint(flag, python)} or run `personascope sweep` on it"
+        )
+    return int(chosen)
 
 
 def check_choices(vector: Any, layer: LayerSpec = None, coef: CoefSpec = None, *, source: str | None = None) -> None:
     """Fail before any model loads when a layer or coefficient is neither given nor chosen on the vector (the same
     errors :meth:`Steering.from_vector` would give later)."""
-    if layer is None and getattr(vector, "chosen_layer", None) is None:
-        raise _no_layer(vector, source, "--layer")
+    if layer is None:
+        require_chosen_layer(vector, source=source)
     n = len(layer) if isinstance(layer, range | Sequence) and not isinstance(layer, str | bytes) else 1
     chosen_coefs(vector, coef, n, source=source)
 
 
 def chosen_layers(
-    model: Model, vector: Any, layer: LayerSpec, *, source: str | None = None, flag: str = "--layer"
+    model: Model,
+    vector: Any,
+    layer: LayerSpec,
+    *,
+    source: str | None = None,
+    flag: str = "--layer",
+    python: str | None = None,
 ) -> list[int]:
     """The layers to use: ``layer`` as given (an int or several), else the vector's chosen layer, else an error."""
     if layer is None:
-        chosen = getattr(vector, "chosen_layer", None)
-        if chosen is None:
-            raise _no_layer(vector, source, flag)
-        layers = [int(chosen)]
+        layers = [require_chosen_layer(vector, source=source, flag=flag, python=python)]
     elif isinstance(layer, int) and not isinstance(layer, bool):
         layers = [layer]
     elif isinstance(layer, range | Sequence) and not isinstance(layer, str | bytes):
